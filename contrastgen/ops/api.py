@@ -1,0 +1,277 @@
+"""The public losses: validate, pick a backend, run it.
+
+Fused backends plug in under two op names with a shared contract (``contrastgen/reference/core.py``):
+``"infonce_core"`` and ``"siglip_core"``; the dispersive family under ``"dispersive_loss"`` and
+``"uniformity"``.  The ``"torch"`` backend runs the dense references in ``contrastgen.reference``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference as ref
+from . import _validate as V
+from ._dispatch import implementations, resolve_backend
+
+POSITIVES = ("diagonal", "supcon", "pml")
+REDUCTIONS = ("none", "mean", "sum")
+DISPERSIVE_VARIANTS = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
+
+
+def _core(op: str, backend: str | None, device: torch.device):
+    """The fused implementation of ``op`` for ``device``, or None for the reference."""
+    name = resolve_backend(op, backend, device)
+    return None if name == "torch" else implementations(op)[name]
+
+
+def _zero_grad_anchor(loss: torch.Tensor, *tensors) -> torch.Tensor:
+    """Adds ``0 * t`` so that every tensor argument gets a (zero) gradient, as in the reference."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            loss = loss + 0.0 * t.sum().to(loss.dtype)
+    return loss
+
+
+# --------------------------------------------------------------------------- CLIP / InfoNCE family
+def info_nce(query, key=None, *, temperature=0.07, labels=None, key_labels=None, positives="diagonal",
+             negatives=None, in_batch_negatives=None, symmetric=False, reduction="mean", backend=None):
+    """General InfoNCE; see :func:`contrastgen.reference.info_nce_ref` for the exact definition.
+
+    query (N, D); key (M, D) or None (the queries are the keys, self-pairs excluded); labels (N,) and
+    key_labels (M,) integer tensors for ``positives="supcon"|"pml"``; negatives (K, D) a bank shared by
+    all queries.  Returns a scalar, or (N,) with ``reduction="none"``.
+    """
+    V.check_tensor("query", query, ndim=2)
+    V.check_choice("positives", positives, POSITIVES)
+    V.check_choice("reduction", reduction, REDUCTIONS)
+    temperature = V.check_positive_scalar("temperature", temperature, like=query)
+    n = query.shape[0]
+    if key is not None:
+        V.check_tensor("key", key, ndim=2)
+        V.check_same(("query", "key"), (query, key))
+        V.check_feature_dim(("query", "key"), (query, key))
+    m = n if key is None else key.shape[0]
+    if positives == "diagonal":
+        if key is None:
+            raise ValueError("positives='diagonal' needs key: with key=None the diagonal is the excluded self-pair")
+        if m != n:
+            raise ValueError(f"positives='diagonal' needs as many keys as queries: query has shape {tuple(query.shape)}, "
+                             f"key has shape {tuple(key.shape)}")
+        if labels is not None or key_labels is not None:
+            raise ValueError("labels/key_labels are given but positives='diagonal' ignores them; use positives='supcon' or 'pml'")
+    else:
+        if labels is None:
+            raise ValueError(f"positives={positives!r} needs labels of shape ({n},)")
+        V.check_labels("labels", labels, n, query)
+        if key is None and key_labels is not None:
+            raise ValueError("key_labels is given but key is None (the queries are the keys)")
+        if key is not None:
+            if key_labels is None:
+                if m != n:
+                    raise ValueError(f"key has {m} rows but query has {n}: pass key_labels of shape ({m},)")
+                key_labels = labels
+            V.check_labels("key_labels", key_labels, m, query)
+    if negatives is not None:
+        V.check_tensor("negatives", negatives, ndim=2)
+        V.check_same(("query", "negatives"), (query, negatives))
+        V.check_feature_dim(("query", "negatives"), (query, negatives))
+    if in_batch_negatives is None:
+        in_batch_negatives = negatives is None
+    elif not isinstance(in_batch_negatives, bool):
+        raise TypeError(f"in_batch_negatives must be a bool or None, got {type(in_batch_negatives).__name__}")
+    if symmetric:
+        if key is None or negatives is not None or positives == "pml":
+            raise ValueError("symmetric=True needs key, no negatives bank, and positives 'diagonal' or 'supcon'")
+        if reduction == "none" and m != n:
+            raise ValueError(f"symmetric=True with reduction='none' needs N == M, got query {tuple(query.shape)}, key {tuple(key.shape)}")
+
+    core = _core("infonce_core", backend, query.device)
+    if core is None:
+        return ref.info_nce_ref(query, key, temperature=temperature, labels=labels, key_labels=key_labels,
+                                positives=positives, negatives=negatives, in_batch_negatives=in_batch_negatives,
+                                symmetric=symmetric, reduction=reduction)
+    scale = 1.0 / V.to_scalar_tensor(temperature, query)
+    exclude_self = key is None
+    k = query if exclude_self else key
+    ql = None if positives == "diagonal" else labels
+    kl = None if positives == "diagonal" else (labels if exclude_self else key_labels)
+    pml = positives == "pml"
+    row, col, row_stats, col_stats = core(query, k, negatives, scale, ql, kl, exclude_self, in_batch_negatives,
+                                          pml, symmetric)
+    row_count = row_stats[:, 1].sum() if pml else (row_stats[:, 1] > 0).sum()
+    loss = _reduce(row, row_count, reduction)
+    if symmetric:
+        if reduction == "none":
+            loss = 0.5 * (row + col)
+        else:
+            loss = 0.5 * (loss + _reduce(col, (col_stats[:, 1] > 0).sum(), reduction))
+    return loss.to(query.dtype)
+
+
+def _reduce(per_anchor, count, reduction):
+    if reduction == "none":
+        return per_anchor
+    if reduction == "sum":
+        return per_anchor.sum()
+    return per_anchor.sum() / count.clamp_min(1).to(per_anchor.dtype)
+
+
+def _check_pair(image, text):
+    V.check_tensor("image", image, ndim=2)
+    V.check_tensor("text", text, ndim=2)
+    V.check_same(("image", "text"), (image, text))
+    if image.shape != text.shape:
+        raise ValueError(f"image and text must have the same shape (N, D): image {tuple(image.shape)}, text {tuple(text.shape)}")
+
+
+def clip_loss(image, text, logit_scale, logit_bias=None, *, backend=None):
+    """OpenCLIP ``ClipLoss``: symmetric cross-entropy of ``logit_scale * image @ text.T (+ logit_bias)``.
+
+    ``logit_scale`` is the multiplier (already exponentiated).  image, text: (N, D) -> scalar."""
+    _check_pair(image, text)
+    logit_scale = V.check_positive_scalar("logit_scale", logit_scale, like=image)
+    if logit_bias is not None:
+        logit_bias = V.check_finite_scalar("logit_bias", logit_bias)
+    core = _core("infonce_core", backend, image.device)
+    if core is None:
+        return ref.clip_loss_ref(image, text, logit_scale, logit_bias)
+    scale = V.to_scalar_tensor(logit_scale, image)
+    row, col, _, _ = core(image, text, None, scale, None, None, False, True, False, True)
+    loss = 0.5 * (row.mean() + col.mean())
+    return _zero_grad_anchor(loss, logit_bias).to(image.dtype)
+
+
+def siglip_loss(image, text, logit_scale, logit_bias, *, backend=None):
+    """OpenCLIP ``SigLipLoss``: ``-(1/N) sum_ij log sigmoid(y_ij (logit_scale x_i.y_j + logit_bias))``."""
+    _check_pair(image, text)
+    logit_scale = V.check_positive_scalar("logit_scale", logit_scale, like=image)
+    logit_bias = V.check_finite_scalar("logit_bias", logit_bias)
+    core = _core("siglip_core", backend, image.device)
+    if core is None:
+        return ref.siglip_loss_ref(image, text, logit_scale, logit_bias)
+    row = core(image, text, V.to_scalar_tensor(logit_scale, image), V.to_scalar_tensor(logit_bias, image))
+    return (row.sum() / image.shape[0]).to(image.dtype)
+
+
+def nt_xent(z1, z2, *, temperature=0.5, backend=None):
+    """SimCLR NT-Xent over two views z1, z2 (N, D): cosine similarity / temperature, positive = other view."""
+    V.check_tensor("z1", z1, ndim=2)
+    V.check_tensor("z2", z2, ndim=2)
+    V.check_same(("z1", "z2"), (z1, z2))
+    if z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must have the same shape (N, D): z1 {tuple(z1.shape)}, z2 {tuple(z2.shape)}")
+    temperature = V.check_positive_scalar("temperature", temperature, like=z1)
+    core = _core("infonce_core", backend, z1.device)
+    if core is None:
+        return ref.nt_xent_ref(z1, z2, temperature)
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2], 0), dim=1)
+    labels = torch.arange(n, device=z.device).repeat(2)
+    scale = 1.0 / V.to_scalar_tensor(temperature, z1)
+    row, _, _, _ = core(z, z, None, scale, labels, labels, True, True, False, False)
+    return row.mean().to(z1.dtype)
+
+
+# --------------------------------------------------------------------------- dispersive family
+def dispersive_loss(z, *, variant="infonce_l2", tau=0.5, margin=1.0, grouped=False, backend=None):
+    """Dispersive Loss (Wang & He 2025) of B samples flattened to M features.
+
+    z (B, ...) -> scalar; with ``grouped=True`` z (G, B, ...) -> (G,) (G independent groups in one call).
+    See :func:`contrastgen.reference.dispersive_loss_ref` for the variants."""
+    V.check_tensor("z", z, min_ndim=3 if grouped else 2)
+    V.check_choice("variant", variant, DISPERSIVE_VARIANTS)
+    tau = V.check_positive_scalar("tau", tau)
+    margin = V.check_positive_scalar("margin", margin, allow_zero=True)
+    if isinstance(tau, torch.Tensor) or isinstance(margin, torch.Tensor):
+        raise TypeError("tau and margin must be python floats (they are hyper-parameters, not learned)")
+    z3 = z if grouped else z.unsqueeze(0)
+    if variant == "covariance" and z3.shape[1] < 2:
+        raise ValueError(f"variant='covariance' needs at least 2 samples per group, got z of shape {tuple(z.shape)}")
+    core = _core("dispersive_loss", backend, z.device)
+    if core is None:
+        out = ref.dispersive_loss_ref(z3, variant=variant, tau=tau, margin=margin, grouped=True)
+    else:
+        out = core(z3.reshape(z3.shape[0], z3.shape[1], -1), variant, tau, margin).to(z.dtype)
+    return out if grouped else out[0]
+
+
+def uniformity(x, *, t=2.0, backend=None):
+    """Wang & Isola uniformity ``log mean_{i<j} exp(-t ||x_i - x_j||^2)`` of x (N, D), N >= 2."""
+    V.check_tensor("x", x, min_ndim=2)
+    t = V.check_positive_scalar("t", t)
+    if x.shape[0] < 2:
+        raise ValueError(f"uniformity needs at least 2 samples, got x of shape {tuple(x.shape)}")
+    core = _core("uniformity", backend, x.device)
+    if core is None:
+        return ref.uniformity_ref(x, t=t)
+    return core(x.reshape(x.shape[0], -1), t).to(x.dtype)
+
+
+def alignment(x, y, *, alpha=2.0):
+    """Wang & Isola alignment ``mean_i ||x_i - y_i||^alpha`` (PyTorch; memory-bound and tiny)."""
+    V.check_tensor("x", x, min_ndim=2)
+    V.check_tensor("y", y, min_ndim=2)
+    V.check_same(("x", "y"), (x, y))
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape: x {tuple(x.shape)}, y {tuple(y.shape)}")
+    alpha = V.check_positive_scalar("alpha", alpha)
+    return ref.alignment_ref(x, y, alpha=alpha)
+
+
+# --------------------------------------------------------------------------- PatchNCE
+def patch_nce(query, key, *, temperature=0.07, all_negatives_from_minibatch=False, detach_key=True, backend=None):
+    """CUT PatchNCE: query/key (B, P, C), or equal-length lists of them (one per layer) -> mean over layers."""
+    qs = [query] if isinstance(query, torch.Tensor) else list(query)
+    ks = [key] if isinstance(key, torch.Tensor) else list(key)
+    if len(qs) != len(ks) or not qs:
+        raise ValueError(f"query and key must be tensors or equal-length, non-empty lists; got {len(qs)} and {len(ks)} layers")
+    for i, (q, k) in enumerate(zip(qs, ks)):
+        V.check_tensor(f"query[{i}]", q, ndim=3)
+        V.check_tensor(f"key[{i}]", k, ndim=3)
+        V.check_same((f"query[{i}]", f"key[{i}]"), (q, k))
+        if q.shape != k.shape:
+            raise ValueError(f"query[{i}] and key[{i}] must have the same shape (B, P, C): {tuple(q.shape)} vs {tuple(k.shape)}")
+    temperature = V.check_positive_scalar("temperature", temperature)
+    resolve_backend("patch_nce", backend, qs[0].device)
+    return ref.patch_nce_ref(qs, ks, temperature=temperature, all_negatives_from_minibatch=all_negatives_from_minibatch,
+                             detach_key=detach_key)
+
+
+# --------------------------------------------------------------------------- CONFORM
+def attention_nce(maps, token_groups: Sequence[Sequence[int]], *, prev_maps=None, temperature=0.5,
+                  softmax_normalize=False, smoothing="conform", loss="ntxent", backend=None):
+    """CONFORM's contrastive loss over cross-attention maps (H, W, 77) -> scalar or (B, H, W, 77) -> (B,)."""
+    V.check_tensor("maps", maps, ndim=(3, 4))
+    if maps.shape[-1] < 3:
+        raise ValueError(f"maps must have a token axis (last) with at least 3 entries, got shape {tuple(maps.shape)}")
+    if prev_maps is not None:
+        V.check_tensor("prev_maps", prev_maps)
+        V.check_same(("maps", "prev_maps"), (maps, prev_maps))
+        if prev_maps.shape != maps.shape:
+            raise ValueError(f"prev_maps must have the shape of maps: {tuple(prev_maps.shape)} vs {tuple(maps.shape)}")
+    V.check_choice("smoothing", smoothing, ("conform", "gaussian", None))
+    V.check_choice("loss", loss, ("ntxent", "contrastive"))
+    temperature = V.check_positive_scalar("temperature", temperature)
+    if isinstance(token_groups, torch.Tensor) or not isinstance(token_groups, (list, tuple)) or not token_groups:
+        raise TypeError("token_groups must be a non-empty list of lists of token indices, e.g. [[2, 3], [6, 7]]")
+    hi = maps.shape[-1] - 2
+    seen = set()
+    for gi, g in enumerate(token_groups):
+        if not isinstance(g, (list, tuple)) or not g:
+            raise ValueError(f"token_groups[{gi}] must be a non-empty list of token indices, got {g!r}")
+        for t in g:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"token_groups[{gi}] holds {t!r}; token indices are ints")
+            if not 1 <= t <= hi:
+                raise ValueError(f"token index {t} in token_groups[{gi}] is out of range [1, {hi}] for maps of shape "
+                                 f"{tuple(maps.shape)} (index 0 is the start token, the last channel is dropped)")
+            if t in seen:
+                raise ValueError(f"token index {t} appears in more than one place in token_groups")
+            seen.add(t)
+    if maps.shape[-3] < 2 or maps.shape[-2] < 2:
+        raise ValueError(f"maps must be at least 2x2 spatially for the reflect-padded smoothing, got {tuple(maps.shape)}")
+    resolve_backend("attention_nce", backend, maps.device)
+    return ref.attention_nce_ref(maps, token_groups, prev_maps=prev_maps, temperature=temperature,
+                                 softmax_normalize=softmax_normalize, smoothing=smoothing, loss=loss)
