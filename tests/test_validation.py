@@ -1,0 +1,121 @@
+"""Bad input raises ValueError/TypeError naming the argument and the shapes; dispatch rules."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import contrastgen as cg
+from contrastgen.ops import _dispatch
+
+x4 = lambda n=4, d=3, **kw: torch.randn(n, d, **kw)  # noqa: E731
+
+
+@pytest.mark.parametrize("call,exc,words", [
+    # shapes
+    (lambda: cg.clip_loss(x4(4, 3), x4(5, 3), 10.0), ValueError, ["image", "text", "(4, 3)", "(5, 3)"]),
+    (lambda: cg.clip_loss(x4(4, 3), x4(4, 2), 10.0), ValueError, ["image", "text"]),
+    (lambda: cg.clip_loss(torch.randn(4), x4(), 10.0), ValueError, ["image", "(4,)"]),
+    (lambda: cg.info_nce(x4(4, 3), x4(4, 5)), ValueError, ["key", "query", "(4, 5)"]),
+    (lambda: cg.info_nce(x4(4, 3), x4(6, 3)), ValueError, ["diagonal", "(6, 3)"]),
+    (lambda: cg.info_nce(x4(4, 3)), ValueError, ["diagonal", "key"]),
+    (lambda: cg.info_nce(x4(4, 3), labels=torch.zeros(5, dtype=torch.long), positives="pml"), ValueError, ["labels", "(4,)"]),
+    (lambda: cg.info_nce(x4(4, 3), x4(6, 3), labels=torch.zeros(4, dtype=torch.long), positives="supcon"), ValueError, ["key_labels"]),
+    (lambda: cg.info_nce(x4(4, 3), x4(4, 3), negatives=x4(5, 2)), ValueError, ["negatives", "(5, 2)"]),
+    (lambda: cg.info_nce(x4(4, 3), x4(4, 3), negatives=x4(5, 3), symmetric=True), ValueError, ["symmetric"]),
+    (lambda: cg.nt_xent(x4(4, 3), x4(3, 3)), ValueError, ["z1", "z2", "(3, 3)"]),
+    (lambda: cg.dispersive_loss(torch.randn(4)), ValueError, ["z", "(4,)"]),
+    (lambda: cg.dispersive_loss(x4(4, 3), grouped=True), ValueError, ["z", "(4, 3)"]),
+    (lambda: cg.dispersive_loss(x4(1, 3), variant="covariance"), ValueError, ["covariance", "(1, 3)"]),
+    (lambda: cg.uniformity(x4(1, 3)), ValueError, ["uniformity", "(1, 3)"]),
+    (lambda: cg.alignment(x4(4, 3), x4(4, 2)), ValueError, ["x", "y", "(4, 2)"]),
+    (lambda: cg.patch_nce(torch.randn(2, 4, 3), torch.randn(2, 5, 3)), ValueError, ["query[0]", "key[0]", "(2, 5, 3)"]),
+    (lambda: cg.patch_nce([torch.randn(2, 4, 3)], []), ValueError, ["equal-length"]),
+    (lambda: cg.attention_nce(torch.rand(16, 16), [[2]]), ValueError, ["maps", "(16, 16)"]),
+    (lambda: cg.attention_nce(torch.rand(4, 4, 77), [[2]], prev_maps=torch.rand(4, 4, 76)), ValueError, ["prev_maps", "(4, 4, 76)"]),
+    # empty batch
+    (lambda: cg.clip_loss(x4(0, 3), x4(0, 3), 10.0), ValueError, ["image", "empty", "(0, 3)"]),
+    (lambda: cg.info_nce(x4(0, 3), x4(0, 3)), ValueError, ["query", "empty"]),
+    (lambda: cg.dispersive_loss(x4(0, 3)), ValueError, ["z", "empty"]),
+    (lambda: cg.siglip_loss(x4(0, 3), x4(0, 3), 10.0, -10.0), ValueError, ["image", "empty"]),
+    # dtypes
+    (lambda: cg.clip_loss(x4().long(), x4().long(), 10.0), TypeError, ["image", "floating", "int64"]),
+    (lambda: cg.clip_loss(x4(), x4(dtype=torch.float64), 10.0), TypeError, ["text", "image", "dtype"]),
+    (lambda: cg.info_nce(x4(), labels=torch.zeros(4), positives="pml"), TypeError, ["labels", "integer"]),
+    (lambda: cg.nt_xent(x4(), x4(dtype=torch.bfloat16)), TypeError, ["z2", "z1"]),
+    (lambda: cg.clip_loss(x4(), x4(), "10"), TypeError, ["logit_scale"]),
+    # temperatures / scales
+    (lambda: cg.clip_loss(x4(), x4(), float("nan")), ValueError, ["logit_scale", "finite"]),
+    (lambda: cg.clip_loss(x4(), x4(), torch.tensor(float("inf"))), ValueError, ["logit_scale", "finite"]),
+    (lambda: cg.clip_loss(x4(), x4(), -1.0), ValueError, ["logit_scale"]),
+    (lambda: cg.clip_loss(x4(), x4(), torch.ones(2)), ValueError, ["logit_scale", "(2,)"]),
+    (lambda: cg.siglip_loss(x4(), x4(), 10.0, float("nan")), ValueError, ["logit_bias", "finite"]),
+    (lambda: cg.info_nce(x4(), x4(), temperature=0.0), ValueError, ["temperature"]),
+    (lambda: cg.info_nce(x4(), x4(), temperature=math.inf), ValueError, ["temperature"]),
+    (lambda: cg.nt_xent(x4(), x4(), temperature=torch.tensor(float("nan"))), ValueError, ["temperature"]),
+    (lambda: cg.dispersive_loss(x4(), tau=-0.5), ValueError, ["tau"]),
+    (lambda: cg.uniformity(x4(), t=float("nan")), ValueError, ["t"]),
+    (lambda: cg.patch_nce(torch.randn(1, 3, 2), torch.randn(1, 3, 2), temperature=0), ValueError, ["temperature"]),
+    # unknown options
+    (lambda: cg.info_nce(x4(), x4(), positives="all"), ValueError, ["positives", "'all'"]),
+    (lambda: cg.info_nce(x4(), x4(), reduction="max"), ValueError, ["reduction"]),
+    (lambda: cg.dispersive_loss(x4(), variant="l1"), ValueError, ["variant", "'l1'"]),
+    (lambda: cg.attention_nce(torch.rand(4, 4, 77), [[2]], smoothing="box"), ValueError, ["smoothing"]),
+    (lambda: cg.attention_nce(torch.rand(4, 4, 77), [[2]], loss="triplet"), ValueError, ["loss"]),
+    (lambda: cg.clip_loss(x4(), x4(), 10.0, backend="cuda"), ValueError, ["backend", "'cuda'"]),
+    # token groups
+    (lambda: cg.attention_nce(torch.rand(4, 4, 77), [[0]]), ValueError, ["token index 0", "[1, 75]"]),
+    (lambda: cg.attention_nce(torch.rand(4, 4, 77), [[2], [76]]), ValueError, ["token index 76", "token_groups[1]"]),
+    (lambda: cg.attention_nce(torch.rand(4, 4, 77), [[2], []]), ValueError, ["token_groups[1]"]),
+    (lambda: cg.attention_nce(torch.rand(4, 4, 77), [[2], [2]]), ValueError, ["token index 2"]),
+    (lambda: cg.attention_nce(torch.rand(4, 4, 77), [2, 3]), ValueError, ["token_groups[0]"]),
+    (lambda: cg.attention_nce(torch.rand(4, 4, 77), []), TypeError, ["token_groups"]),
+    (lambda: cg.attention_nce(torch.rand(4, 4, 77), [[2.0]]), TypeError, ["token_groups[0]"]),
+])
+def test_bad_input_raises_with_names(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, f"{w!r} not in error message {msg!r}"
+
+
+def test_device_mismatch_is_named():
+    meta = torch.randn(4, 3, device="meta")
+    with pytest.raises(ValueError, match="same device"):
+        cg.clip_loss(x4(), meta, 10.0)
+
+
+def test_env_backend_and_explicit_backend(monkeypatch):
+    monkeypatch.setenv("CONTRASTGEN_BACKEND", "torch")
+    assert _dispatch.resolve_backend("infonce_core", None, torch.device("cpu")) == "torch"
+    monkeypatch.setenv("CONTRASTGEN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend"):
+        cg.clip_loss(x4(), x4(), 10.0)
+    monkeypatch.delenv("CONTRASTGEN_BACKEND")
+    with pytest.raises(ValueError, match="patch_nce"):   # explicit but not implemented: raise, never a silent fallback
+        _dispatch.resolve_backend("patch_nce", "cpp", torch.device("cpu"))
+
+
+def test_default_backend_falls_back_with_one_warning():
+    _dispatch._WARNED.discard("patch_nce:cpp")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert _dispatch.resolve_backend("patch_nce", None, torch.device("cpu")) == "torch"
+        assert _dispatch.resolve_backend("patch_nce", None, torch.device("cpu")) == "torch"
+    assert sum("falls back" in str(x.message) for x in w) == 1
+
+
+def test_every_floating_argument_gets_a_gradient():
+    img, txt = x4().requires_grad_(), x4().requires_grad_()
+    s, b = torch.tensor(10.0, requires_grad=True), torch.tensor(-1.0, requires_grad=True)
+    cg.clip_loss(img, txt, s, b, backend="torch").backward()
+    assert all(t.grad is not None for t in (img, txt, s, b))
+    img.grad = None
+    s.grad = b.grad = None
+    cg.siglip_loss(img, txt, s, b, backend="torch").backward()
+    assert all(t.grad is not None for t in (img, s, b))
+    tau = torch.tensor(0.1, requires_grad=True)
+    q, bank = x4().requires_grad_(), x4(7, 3).requires_grad_()
+    cg.info_nce(q, txt, temperature=tau, negatives=bank, backend="torch").backward()
+    assert tau.grad is not None and bank.grad is not None and q.grad is not None
