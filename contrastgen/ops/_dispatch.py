@@ -75,9 +75,10 @@ def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
     if backend == "torch":
         return backend
     impls = _IMPLS.get(op, {})
-    ok, why = backend_available(backend)
-    if ok and backend not in impls:
-        ok, why = False, f"op {op!r} has no {backend!r} implementation"
+    if backend not in impls:
+        ok, why = False, f"op {op!r} has no {backend!r} implementation yet"
+    else:
+        ok, why = backend_available(backend)
     if ok and backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         ok, why = False, "Triton needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
     if ok and backend == "cpp" and device.type != "cpu":
