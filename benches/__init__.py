@@ -1,0 +1,1 @@
+"""contrastgen's benchmark harness: ``contrastgen bench`` (see ``benches/run.py``)."""

@@ -1,0 +1,61 @@
+"""PNG of a benchmark run: time vs size per provider, one panel per op (log-log, matplotlib Agg)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+STYLE = {"reference": ("k", "o"), "compile": ("tab:gray", "s"), "cpp": ("tab:red", "D"), "triton": ("tab:red", "D"),
+         "open_clip": ("tab:blue", "^"), "pml": ("tab:green", "v"), "keops": ("tab:purple", "P"),
+         "inf_cl": ("tab:orange", "X")}
+
+
+def plot_results(doc, path, mode_pref=("fwd+bwd", "fwd", "bwd")) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    ops = []
+    for r in ok:
+        if r["op"] not in ops:
+            ops.append(r["op"])
+    if not ops:
+        raise ValueError("no successful results to plot")
+    ncols = min(3, len(ops))
+    nrows = math.ceil(len(ops) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.9 * nrows), squeeze=False)
+    meta = doc["meta"]
+    for ax, op in zip(axes.flat, ops):
+        rows = [r for r in ok if r["op"] == op]
+        mode = next((m for m in mode_pref if any(r["mode"] == m for r in rows)), rows[0]["mode"])
+        rows = [r for r in rows if r["mode"] == mode]
+        xkey = rows[0]["x"]
+        # A line per provider x dtype x the shape keys other than the x-axis that vary within the op.
+        varying = [k for k in rows[0]["shape"] if k != xkey and len({r["shape"].get(k) for r in rows}) > 1]
+        multi_dtype = len({r["dtype"] for r in rows}) > 1
+        lines = {}
+        for r in rows:
+            label = r["provider"] + "".join(f" {k}={r['shape'][k]}" for k in varying) + \
+                (f" {r['dtype']}" if multi_dtype else "")
+            lines.setdefault(label, []).append((r["shape"][xkey], r["ms"], r["provider"]))
+        for label, pts in sorted(lines.items()):
+            pts.sort()
+            color, marker = STYLE.get(pts[0][2], (None, "o"))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color if len(varying) == 0 else None,
+                    label=label, linewidth=1.4, markersize=5)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xkey)
+        ax.set_ylabel(f"{mode} time (ms)")
+        ax.set_title(op, fontsize=11)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(ops):]:
+        ax.axis("off")
+    fig.suptitle(f"contrastgen bench: {meta.get('device_name')} ({meta.get('torch_threads')} threads), "
+                 f"torch {meta['versions'].get('torch')}, {meta.get('timestamp', '')[:10]}", fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,161 @@
+"""Tables from benchmark results.
+
+* :func:`format_table` -- the plain-text table ``contrastgen bench`` prints for one run.
+* ``python -m benches.report [--dir benches/results] [--mode fwd+bwd|all] [--provider ...]`` -- a markdown
+  summary of the latest result per device / op / shape / dtype / mode / provider across every
+  ``benches/results/*.json`` (ms, speedup vs the reference of the same run, peak MiB), for the README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _f(v, fmt):
+    return "-" if v is None else format(v, fmt)
+
+
+def _ms(v):
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
+def _rate(r):
+    if r.get("gbps") is not None:
+        return f"{r['gbps']:.1f} GB/s"
+    if r.get("tflops") is not None:
+        t = r["tflops"]
+        s = f"{t * 1e3:.1f} GF/s" if t < 1 else f"{t:.1f} TF/s"
+        if r.get("pct_matmul") is not None:
+            s += f" ({r['pct_matmul']:.0f}%)"
+        return s
+    return "-"
+
+
+def _grid(header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i >= 4 else str(c).ljust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def format_table(doc) -> str:
+    """Plain-text table of one run: one block per op; skipped providers summarised under it."""
+    meta, results = doc["meta"], doc["results"]
+    out = [f"contrastgen bench on {meta.get('device_name')} ({meta.get('device')}, {meta.get('torch_threads')} threads), "
+           f"torch {meta['versions'].get('torch')}, commit {str(meta.get('git_commit'))[:10]}"]
+    mm = meta.get("matmul_tflops")
+    if mm:
+        parts = [f"{dt} D={d}: {v * 1e3:.0f} GF/s" if v and v < 1 else f"{dt} D={d}: {v:.1f} TF/s"
+                 for dt, per in mm.items() for d, v in per.items() if v]
+        out.append(f"matmul rate (N={meta.get('matmul_N')}): " + ", ".join(parts))
+    out.append("ms = median; speedup and mem x are vs the reference of the same run; "
+               "err = |loss - float64 reference| at a small shape (reference's own error in brackets)")
+    ops = []
+    for r in results:
+        if r["op"] not in ops:
+            ops.append(r["op"])
+    header = ["shape", "dtype", "mode", "provider", "ms", "speedup", "peak MiB", "mem x", "rate", "err"]
+    for op in ops:
+        rows, skipped = [], {}
+        for r in results:
+            if r["op"] != op:
+                continue
+            if r["status"] in ("skipped", "planned"):
+                if r["status"] == "planned":
+                    rows.append([r["shape_str"], r["dtype"], r["mode"], r["provider"], "planned", "", "", "", "", ""])
+                else:
+                    skipped.setdefault(r["provider"], r.get("reason"))
+                continue
+            if r["status"] == "failed":
+                rows.append([r["shape_str"], r["dtype"], r["mode"], r["provider"],
+                             "FAILED", "", "", "", "", (r.get("reason") or "")[:60]])
+                continue
+            err = "-"
+            if r.get("check_abs_err") is not None:
+                err = f"{r['check_abs_err']:.1e} [{r.get('check_ref_abs_err', 0):.0e}]"
+            rows.append([r["shape_str"], r["dtype"], r["mode"], r["provider"], _ms(r["ms"]),
+                         _f(r.get("speedup"), ".2f"), _f(r.get("peak_mib"), ".1f"), _f(r.get("mem_ratio"), ".2f"),
+                         _rate(r), err])
+        out.append(f"\n== {op}")
+        if rows:
+            out.append(_grid(header, rows))
+        for p, why in skipped.items():
+            if not any(row[3] == p for row in rows):
+                out.append(f"   skipped {p}: {why}")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- markdown across runs
+def load(results_dir: Path):
+    docs = []
+    for p in sorted(Path(results_dir).glob("*.json")):
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"skipping {p}: {e}", file=sys.stderr)
+            continue
+        if "meta" in doc and "results" in doc:
+            doc["_path"] = p.name
+            docs.append(doc)
+    return docs
+
+
+def latest(docs, mode="fwd+bwd", providers=None):
+    """{(device_name, op, shape_str, dtype, mode, provider): (row, meta)} keeping the newest run."""
+    best = {}
+    for doc in sorted(docs, key=lambda d: d["meta"].get("timestamp", "")):
+        meta = doc["meta"]
+        for r in doc["results"]:
+            if r["status"] != "ok" or (mode != "all" and r["mode"] != mode):
+                continue
+            if providers and r["provider"] not in providers:
+                continue
+            key = (meta.get("device_name"), r["op"], r["shape_str"], r["dtype"], r["mode"], r["provider"])
+            best[key] = (r, meta, doc["_path"])
+    return best
+
+
+def markdown(docs, mode="fwd+bwd", providers=None) -> str:
+    best = latest(docs, mode, providers)
+    by_device = {}
+    for key, val in best.items():
+        by_device.setdefault(key[0], []).append((key, val))
+    out = []
+    for dev, items in by_device.items():
+        files = sorted({v[2] for _, v in items})
+        metas = {v[2]: v[1] for _, v in items}
+        m = metas[files[-1]]
+        out.append(f"#### {dev}\n")
+        out.append(f"torch {m['versions'].get('torch')}, {m.get('torch_threads')} threads; "
+                   f"from {', '.join(f'`{f}`' for f in files)}.  Mode: {mode}; "
+                   "speedup and memory ratio are vs the PyTorch reference of the same run.\n")
+        out.append("| op | shape | dtype | mode | provider | ms | speedup | peak MiB | rate |")
+        out.append("|---|---|---|---|---|---:|---:|---:|---:|")
+        order = {"reference": 0, "compile": 1, "cpp": 2, "triton": 3}
+        items.sort(key=lambda kv: (kv[0][1], kv[1][0]["shape"].get(kv[1][0]["x"], 0), kv[0][2], kv[0][3], kv[0][4],
+                                   order.get(kv[0][5], 9), kv[0][5]))
+        for (_, op, shape, dtype, md, prov), (r, _, _) in items:
+            out.append(f"| {op} | {shape} | {dtype} | {md} | {prov} | {_ms(r['ms'])} | "
+                       f"{_f(r.get('speedup'), '.2f')} | {_f(r.get('peak_mib'), '.1f')} | {_rate(r)} |")
+        out.append("")
+    return "\n".join(out) if out else "(no results)"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benches.report", description=__doc__.splitlines()[0])
+    p.add_argument("--dir", default=str(RESULTS_DIR))
+    p.add_argument("--mode", default="fwd+bwd", help="fwd, bwd, fwd+bwd or all")
+    p.add_argument("--provider", action="append", help="only these providers (repeatable)")
+    a = p.parse_args(argv)
+    print(markdown(load(Path(a.dir)), a.mode, a.provider))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""``contrastgen bench``: time every op x shape x dtype x provider x mode, print a table, write JSON + PNG.
+
+Examples::
+
+    contrastgen bench --quick                       # every op vs its reference, small CPU shapes (~1-2 min)
+    contrastgen bench --op clip_loss,siglip_loss --device cuda --dtype bfloat16 --mode fwd+bwd
+    contrastgen bench --list                        # the registry
+    contrastgen bench --device cuda --dry-run       # what would run / be skipped, without timing
+
+Every provider that cannot run a case is recorded as ``skipped`` with the reason; one that fails at
+run time (OOM, unsupported input) as ``failed`` with the error; neither stops the run.  Results are
+written after every case, so an interrupted or time-boxed run still leaves its JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from . import cases as C
+from . import harness as H
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benches" / "results"
+QUICK_EXCLUDED = {
+    "compile": "not in --quick: torch.compile needs ~5-30 s per graph on CPU; add it with --providers",
+    "keops": "not in --quick: KeOps JIT-compiles ~15 s per formula on first use; add it with --providers",
+}
+
+
+# --------------------------------------------------------------------------- arguments
+def _csv(values):
+    out = []
+    for v in values or []:
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="contrastgen bench", description="Benchmark contrastgen's losses against "
+                                "their PyTorch references and peer libraries.")
+    p.add_argument("--op", action="append", help="op names or families, comma-separated (e.g. clip_loss,info_nce)")
+    p.add_argument("--quick", action="store_true", help="small shapes on CPU, every op, cheap providers (~1-2 min)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available (cpu with --quick)")
+    p.add_argument("--dtype", action="append", help="float32, bfloat16, float16 (default: float32 on CPU, "
+                                                     "bfloat16 on CUDA)")
+    p.add_argument("--mode", action="append", help=f"{', '.join(C.MODES)} (default: all three)")
+    p.add_argument("--providers", action="append", help=f"subset of {', '.join(C.PROVIDERS)}, or 'all'")
+    p.add_argument("--shapes", choices=["quick", "cpu", "cuda"], help="shape regime (default: from device/--quick)")
+    p.add_argument("--max-n", type=int, help="drop shapes whose x-axis size exceeds this")
+    p.add_argument("--json", help="output path (default benches/results/<device>_<date>_<tag>.json)")
+    p.add_argument("--tag", help="file-name tag (default: quick / full)")
+    p.add_argument("--budget", type=float, help="seconds of timed repeats per case (default 0.1 quick, 0.5 else)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default os.cpu_count(); use 1 on a busy machine)")
+    p.add_argument("--time-limit", type=float, help="stop starting new cases after this many seconds "
+                                                      "(the rest is recorded as skipped)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--list", action="store_true", help="list ops, shapes and providers, then exit")
+    p.add_argument("--dry-run", action="store_true", help="resolve cases and providers, time nothing")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- environment
+def _git(*args):
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(dist):
+    try:
+        from importlib.metadata import version
+        return version(dist)
+    except Exception:
+        return None
+
+
+def device_name(device):
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return _cpu_model()
+
+
+def device_slug(device):
+    if device == "cpu":
+        return "cpu"
+    name = device_name(device).lower().replace("nvidia", "")
+    return "cuda-" + (re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu")
+
+
+def metadata(args, argv, device, dtypes):
+    import contrastgen
+    from contrastgen.ops import backend_available, implementations
+
+    meta = {
+        "device": device,
+        "device_name": device_name(device),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "versions": {
+            "python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
+            "contrastgen": contrastgen.__version__, "numpy": _version("numpy"),
+            "open_clip_torch": _version("open_clip_torch"), "pytorch_metric_learning": _version("pytorch-metric-learning"),
+            "pykeops": _version("pykeops"), "inf_cl": _version("inf-cl"),
+        },
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "contrastgen bench " + " ".join(argv),
+        "argv": list(argv),
+        "quick": bool(args.quick),
+        "dtypes": [str(d).replace("torch.", "") for d in dtypes],
+        "backends": {b: dict(zip(("available", "why_not"), backend_available(b))) for b in ("cpp", "triton")},
+        "registered": {op: sorted(implementations(op)) for op in
+                       ("infonce_core", "siglip_core", "dispersive_loss", "uniformity", "patch_nce", "attention_nce")},
+        "timing": ("CUDA events, L2 flushed before each call, median" if device == "cuda" else
+                   "time.perf_counter, median of repeats after warm-up"),
+        "memory_method": H.CUDA_MEMORY_METHOD if device == "cuda" else H.CPU_MEMORY_METHOD,
+        "flop_convention": C.__doc__.split("FLOP convention")[1].strip() if "FLOP convention" in C.__doc__ else "",
+        "env": {k: os.environ[k] for k in ("CONTRASTGEN_BACKEND", "TRITON_INTERPRET", "OMP_NUM_THREADS")
+                if k in os.environ},
+    }
+    return meta
+
+
+# --------------------------------------------------------------------------- one case
+def _scalar(loss):
+    return loss if loss.dim() == 0 else loss.sum()
+
+
+def mode_callable(fn, inp, mode):
+    if mode == "fwd":
+        return lambda: fn(inp)
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(_scalar(fn(inp)), inp.grads, allow_unused=True)
+    if mode == "bwd":
+        loss = _scalar(fn(inp))
+        return lambda: torch.autograd.grad(loss, inp.grads, retain_graph=True, allow_unused=True)
+    raise ValueError(mode)
+
+
+def _err(e):
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
+
+
+def correctness(spec, fn, dtype, device, compare_grads):
+    """max |provider - float64 reference| (and the dtype reference's own error) at spec.check."""
+    import contrastgen
+    api = getattr(contrastgen, spec.api)
+    inp = spec.make(spec.check, dtype, device)
+    inp64 = spec.make(spec.check, torch.float64, device)
+    ref64 = _scalar(api(*inp64.args, **inp64.kwargs, backend="torch"))
+    g64 = torch.autograd.grad(ref64, inp64.grads, allow_unused=True)
+    refd = _scalar(api(*inp.args, **inp.kwargs, backend="torch"))
+    gd = torch.autograd.grad(refd, inp.grads, allow_unused=True)
+    val = _scalar(fn(inp))
+    out = {"shape": spec.check, "loss": float(val), "loss_ref64": float(ref64),
+           "abs_err": abs(float(val) - float(ref64)), "ref_abs_err": abs(float(refd) - float(ref64))}
+    if compare_grads:
+        gv = torch.autograd.grad(val, inp.grads, allow_unused=True)
+
+        def gerr(gs):
+            errs = [float((a.double() - b).abs().max()) for a, b in zip(gs, g64) if a is not None and b is not None]
+            return max(errs) if errs else None
+        out["grad_abs_err"] = gerr(gv)
+        out["ref_grad_abs_err"] = gerr(gd)
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+def plan(args):
+    device = args.device or ("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
+    regime = args.shapes or ("quick" if args.quick else device)
+    dtypes = [C.DTYPES[d] for d in _csv(args.dtype)] or [torch.float32 if device == "cpu" else torch.bfloat16]
+    modes = _csv(args.mode) or list(C.MODES)
+    for m in modes:
+        if m not in C.MODES:
+            raise SystemExit(f"unknown mode {m!r}; expected {C.MODES}")
+    providers = _csv(args.providers)
+    if not providers or providers == ["all"]:
+        providers = list(C.PROVIDERS)
+        excluded = QUICK_EXCLUDED if args.quick and not args.providers else {}
+    else:
+        excluded = {}
+        for p in providers:
+            if p not in C.PROVIDERS:
+                raise SystemExit(f"unknown provider {p!r}; expected {C.PROVIDERS}")
+        if "reference" not in providers:
+            providers.insert(0, "reference")      # ratios need it
+    specs = C.select_specs(_csv(args.op))
+    return device, regime, dtypes, modes, providers, excluded, specs
+
+
+def _shapes(spec, regime, max_n):
+    shapes = spec.shapes.get(regime, [])
+    if max_n:
+        shapes = [s for s in shapes if s[spec.x] <= max_n]
+    return shapes
+
+
+def list_registry(args):
+    device, regime, dtypes, modes, providers, excluded, specs = plan(args)
+    print(f"regime {regime!r}, device {device}, providers {', '.join(providers)}")
+    for spec in specs:
+        peers = ", ".join(sorted(spec.peers)) or "-"
+        print(f"\n{spec.name}  (contrastgen.{spec.api}, fused op {spec.core!r}, peers: {peers})")
+        for s in _shapes(spec, regime, args.max_n):
+            print(f"    {C.shape_str(s)}")
+    return 0
+
+
+def default_json_path(device, tag):
+    date = _dt.date.today().isoformat()
+    return RESULTS_DIR / f"{device_slug(device)}_{date}_{tag}.json"
+
+
+def write_json(path, doc):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def add_derived(results, meta):
+    """Ratios vs the reference of the same (op, shape, dtype, mode); TFLOP/s, GB/s, % of matmul rate."""
+    ref = {(r["op"], r["shape_str"], r["dtype"], r["mode"]): r for r in results
+           if r["provider"] == "reference" and r["status"] == "ok"}
+    mm = meta.get("matmul_tflops", {})
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        base = ref.get((r["op"], r["shape_str"], r["dtype"], r["mode"]))
+        if base is not None:
+            r["speedup"] = base["ms"] / r["ms"] if r["ms"] > 0 else None
+            if base.get("peak_mib") and r.get("peak_mib") is not None:
+                r["mem_ratio"] = r["peak_mib"] / base["peak_mib"]
+        if r.get("flops"):
+            r["tflops"] = r["flops"] / (r["ms"] * 1e9)
+            d = r["shape"].get("D")
+            rate = mm.get(r["dtype"], {}).get(str(d)) if d else None
+            if rate:
+                r["pct_matmul"] = 100.0 * r["tflops"] / rate
+        if r.get("bytes"):
+            r["gbps"] = r["bytes"] / (r["ms"] * 1e6)
+
+
+def measure_matmul(device, dtypes, dims, quick):
+    """bf16/fp32 GEMM rate (TFLOP/s) of (N, D) @ (D, N) for each D: the ceiling for the % of matmul metric."""
+    n = 1024 if quick else (16384 if device == "cuda" else 4096)
+    out = {}
+    for dt in dtypes:
+        name = str(dt).replace("torch.", "")
+        out[name] = {}
+        for d in sorted(dims):
+            try:
+                a = torch.randn(n, d, device=device).to(dt)
+                b = torch.randn(n, d, device=device).to(dt)
+                t = H.time_fn(lambda: a @ b.T, device, warmup=2, budget_s=0.2 if quick else 0.5)
+                out[name][str(d)] = 2.0 * n * n * d / (t.ms * 1e9)
+            except Exception as e:  # noqa: BLE001 (e.g. a dtype without a CPU GEMM)
+                out[name][str(d)] = None
+                print(f"matmul rate {name} D={d}: {_err(e)}", file=sys.stderr)
+    return {"N": n, "tflops": out}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.list:
+        return list_registry(args)
+    device, regime, dtypes, modes, providers, excluded, specs = plan(args)
+    if device == "cuda" and not torch.cuda.is_available() and not args.dry_run:
+        raise SystemExit("--device cuda: no CUDA device here (use --dry-run to only list the cases)")
+    threads = H.setup_threads(args.threads)
+    load = H.load_average()
+    if device == "cpu" and load is not None and threads > 1 and load > 0.75 * (os.cpu_count() or 1):
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other processes compete for the "
+              f"CPU and {threads}-thread timings of small ops will be inflated; consider --threads 1",
+              file=sys.stderr)
+    budget = args.budget if args.budget is not None else (0.1 if args.quick else 0.5)
+    tag = args.tag or ("quick" if args.quick else "full")
+    json_path = Path(args.json) if args.json else default_json_path(device, tag)
+
+    meta = metadata(args, argv, device, dtypes)
+    meta["torch_threads"] = threads
+    meta["load_average"] = load
+    meta["regime"] = regime
+    meta["budget_s"] = budget
+    doc = {"meta": meta, "results": [], "checks": []}
+    results, checks = doc["results"], doc["checks"]
+    avail = H.available_bytes(device) if not args.dry_run or device == "cpu" else 0
+
+    work = [(spec, dt, shape) for spec in specs for dt in dtypes for shape in _shapes(spec, regime, args.max_n)]
+    total = len(work) * len(providers) * len(modes)
+    if not args.dry_run:
+        dims = {s["D"] for spec, _, s in work if "D" in s and spec.flops}
+        if dims:
+            mm = measure_matmul(device, dtypes, dims, args.quick)
+            meta["matmul_N"] = mm["N"]
+            meta["matmul_tflops"] = mm["tflops"]
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc="bench", unit="case", file=sys.stderr, disable=args.no_progress,
+                   dynamic_ncols=True)
+    except ImportError:
+        bar = None
+    t_start = time.perf_counter()
+    check_done = {}
+    for spec, dt, shape in work:
+        dname = str(dt).replace("torch.", "")
+        inp = None
+        for provider in providers:
+            row_base = {"op": spec.name, "api": spec.api, "shape": dict(shape), "shape_str": C.shape_str(shape),
+                        "x": spec.x, "dtype": dname, "provider": provider, "device": device}
+            reason, fn = None, None
+            if provider in excluded:
+                reason = excluded[provider]
+            elif args.time_limit and time.perf_counter() - t_start > args.time_limit:
+                reason = f"time limit ({args.time_limit:.0f} s) reached"
+            elif provider in C.DENSE and spec.dense_bytes(shape) > 0.7 * avail and not args.dry_run:
+                reason = (f"dense logits need ~{spec.dense_bytes(shape) / 2**30:.1f} GiB > 70% of "
+                          f"{avail / 2**30:.1f} GiB available")
+            else:
+                try:
+                    fn = C.build_provider(spec, provider, shape, dt, device)
+                except C.Skip as e:
+                    reason = str(e)
+                except Exception as e:  # noqa: BLE001 (a broken peer must not stop the run)
+                    reason = f"provider setup failed: {_err(e)}"
+            if fn is None or args.dry_run:
+                status = "skipped" if fn is None else "planned"
+                for mode in modes:
+                    results.append({**row_base, "mode": mode, "status": status, "reason": reason})
+                if bar:
+                    bar.update(len(modes))
+                continue
+            # correctness, once per (op, dtype, provider)
+            ck = (spec.name, dname, provider)
+            if ck not in check_done and not args.no_check:
+                try:
+                    c = correctness(spec, fn, dt, device, compare_grads=provider != "pml")
+                    c.update(op=spec.name, dtype=dname, provider=provider, status="ok")
+                except Exception as e:  # noqa: BLE001
+                    c = {"op": spec.name, "dtype": dname, "provider": provider, "status": "failed", "error": _err(e)}
+                checks.append(c)
+                check_done[ck] = c
+            c = check_done.get(ck, {})
+            if inp is None:
+                try:
+                    inp = spec.make(shape, dt, device)
+                except Exception as e:  # noqa: BLE001 (OOM while building inputs)
+                    H.free_memory(device)
+                    for mode in modes:
+                        results.append({**row_base, "mode": mode, "status": "failed",
+                                        "reason": f"building inputs: {_err(e)}"})
+                    if bar:
+                        bar.update(len(modes))
+                    continue
+            for mode in modes:
+                row = {**row_base, "mode": mode}
+                if spec.flops:
+                    row["flops"] = spec.flops(shape, mode)
+                if spec.traffic:
+                    row["bytes"] = spec.traffic(shape, mode, torch.empty((), dtype=dt).element_size())
+                if c.get("status") == "ok":
+                    row["check_abs_err"] = c["abs_err"]
+                    row["check_ref_abs_err"] = c["ref_abs_err"]
+                    if c.get("grad_abs_err") is not None:
+                        row["check_grad_abs_err"] = c["grad_abs_err"]
+                try:
+                    call = mode_callable(fn, inp, mode)
+                    call()                                   # warm-up: compiles, autotunes, caches
+                    H.sync(device)
+                    mem = H.measure_memory(call, device)
+                    t = H.time_fn(call, device, warmup=1 if device == "cpu" else 2, budget_s=budget,
+                                  max_reps=50 if device == "cpu" else 200)
+                    row.update(status="ok", ms=t.ms, ms_min=t.ms_min, ms_q1=t.ms_q1, ms_q3=t.ms_q3, reps=t.reps,
+                               peak_mib=mem.peak_mib)
+                    if mem.rss_peak_mib is not None:
+                        row["rss_peak_mib"] = mem.rss_peak_mib
+                except Exception as e:  # noqa: BLE001 (OOM, unsupported input, compile error, ...)
+                    row.update(status="failed", reason=_err(e), oom=H.is_oom(e))
+                    if os.environ.get("CONTRASTGEN_BENCH_TRACEBACK"):
+                        traceback.print_exc()
+                finally:
+                    call = None
+                    H.free_memory(device)
+                results.append(row)
+                if bar:
+                    bar.update(1)
+                add_derived(results, meta)
+                write_json(json_path, doc)
+        inp = None
+        H.free_memory(device)
+    if bar:
+        bar.close()
+    meta["wall_s"] = time.perf_counter() - t_start
+    add_derived(results, meta)
+    write_json(json_path, doc)
+    from .report import format_table
+    print(format_table(doc))
+    print(f"\nJSON: {json_path}")
+    if not args.no_plot and not args.dry_run:
+        try:
+            from .plot import plot_results
+            png = plot_results(doc, json_path.with_suffix(".png"))
+            print(f"plot: {png}")
+        except Exception as e:  # noqa: BLE001 (matplotlib missing must not lose the results)
+            print(f"plot skipped: {_err(e)}", file=sys.stderr)
+    failed = [r for r in results if r["status"] == "failed"]
+    if failed:
+        print(f"\n{len(failed)} case(s) failed (see 'reason' in the JSON)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
