@@ -1,0 +1,186 @@
+"""Custom ops for the fused InfoNCE / SigLIP cores and their backend registration.
+
+Call chain: ``_infonce_fwd_kernel`` (Triton, ``contrastgen.kernels.infonce``) or ``infonce_fwd`` in
+``contrastgen.ops._cpp_infonce`` (C++) -> custom op ``contrastgen::infonce_fwd`` (this module, with its
+fake and autograd registrations) -> the registered core ``infonce_core`` -> public ``contrastgen.info_nce``
+/ ``clip_loss`` / ``nt_xent`` (``contrastgen/ops/api.py``).  Same for SigLIP.
+
+Every op takes a ``backend`` string ("triton" or "cpp"); both implementations have the launcher
+signatures of ``contrastgen/reference/core.py``.  The C++ module is imported lazily inside the op.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._dispatch import register
+
+_BACKENDS = ("triton", "cpp")
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        return importlib.import_module("contrastgen.kernels.infonce")
+    if backend == "cpp":
+        return importlib.import_module("contrastgen.ops._cpp_infonce")
+    raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+
+
+def _f32(*shape, like: Tensor) -> Tensor:
+    return like.new_empty(shape, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- InfoNCE
+@torch.library.custom_op("contrastgen::infonce_fwd", mutates_args=())
+def infonce_fwd(q: Tensor, k: Tensor, bank: Optional[Tensor], scale: Tensor, q_labels: Optional[Tensor],
+                k_labels: Optional[Tensor], exclude_self: bool, in_batch_negatives: bool, pml: bool, symmetric: bool,
+                backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    row, col, row_stats, col_stats = _impl(backend).infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self,
+                                                                in_batch_negatives, pml, symmetric)
+    return row, col, row_stats, col_stats
+
+
+@infonce_fwd.register_fake
+def _(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric, backend):
+    n, m = q.shape[0], k.shape[0]
+    mc = m if symmetric else 0
+    return _f32(n, like=q), _f32(mc, like=q), _f32(n, 2, like=q), _f32(mc, 2, like=q)
+
+
+@torch.library.custom_op("contrastgen::infonce_bwd", mutates_args=())
+def infonce_bwd(q: Tensor, k: Tensor, bank: Optional[Tensor], scale: Tensor, q_labels: Optional[Tensor],
+                k_labels: Optional[Tensor], exclude_self: bool, in_batch_negatives: bool, pml: bool, symmetric: bool,
+                row_stats: Tensor, col_stats: Tensor, g_row: Tensor, g_col: Tensor,
+                backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dbank, dscale); dbank is an empty (0, D) tensor when there is no bank."""
+    dq, dk, dbank, dscale = _impl(backend).infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self,
+                                                       in_batch_negatives, pml, symmetric, row_stats, col_stats,
+                                                       g_row, g_col)
+    if dbank is None:
+        dbank = q.new_zeros(0, q.shape[1])
+    return dq, dk, dbank, dscale.reshape(()).to(torch.float32)
+
+
+@infonce_bwd.register_fake
+def _(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric, row_stats, col_stats,
+      g_row, g_col, backend):
+    dbank = torch.empty_like(bank) if bank is not None else q.new_empty(0, q.shape[1])
+    return torch.empty_like(q), torch.empty_like(k), dbank, _f32(like=q)
+
+
+def _infonce_setup_context(ctx, inputs, output):
+    q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric, backend = inputs
+    _, _, row_stats, col_stats = output
+    ctx.save_for_backward(q, k, bank, scale, q_labels, k_labels, row_stats, col_stats)
+    ctx.flags = (exclude_self, in_batch_negatives, pml, symmetric, backend)
+    ctx.scale_dtype = scale.dtype
+    ctx.mark_non_differentiable(row_stats, col_stats)
+
+
+def _infonce_backward(ctx, g_row, g_col, _g_row_stats, _g_col_stats):
+    q, k, bank, scale, q_labels, k_labels, row_stats, col_stats = ctx.saved_tensors
+    exclude_self, in_batch_negatives, pml, symmetric, backend = ctx.flags
+    n, m = q.shape[0], k.shape[0]
+    if g_row is None:
+        g_row = q.new_zeros(n, dtype=torch.float32)
+    if g_col is None:
+        g_col = q.new_zeros(m if symmetric else 0, dtype=torch.float32)
+    dq, dk, dbank, dscale = torch.ops.contrastgen.infonce_bwd(
+        q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric, row_stats, col_stats,
+        g_row.float(), g_col.float(), backend)
+    return (dq, dk, dbank if bank is not None else None, dscale.to(ctx.scale_dtype),
+            None, None, None, None, None, None, None)
+
+
+infonce_fwd.register_autograd(_infonce_backward, setup_context=_infonce_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- SigLIP
+@torch.library.custom_op("contrastgen::siglip_fwd", mutates_args=())
+def siglip_fwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, backend: str) -> Tensor:
+    return _impl(backend).siglip_fwd(q, k, scale, bias)
+
+
+@siglip_fwd.register_fake
+def _(q, k, scale, bias, backend):
+    return _f32(q.shape[0], like=q)
+
+
+@torch.library.custom_op("contrastgen::siglip_bwd", mutates_args=())
+def siglip_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, g_row: Tensor,
+               backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dscale, dbias = _impl(backend).siglip_bwd(q, k, scale, bias, g_row)
+    return dq, dk, dscale.reshape(()).to(torch.float32), dbias.reshape(()).to(torch.float32)
+
+
+@siglip_bwd.register_fake
+def _(q, k, scale, bias, g_row, backend):
+    return torch.empty_like(q), torch.empty_like(k), _f32(like=q), _f32(like=q)
+
+
+def _siglip_setup_context(ctx, inputs, output):
+    q, k, scale, bias, backend = inputs
+    ctx.save_for_backward(q, k, scale, bias)
+    ctx.backend = backend
+    ctx.dtypes = (scale.dtype, bias.dtype)
+
+
+def _siglip_backward(ctx, g_row):
+    q, k, scale, bias = ctx.saved_tensors
+    if g_row is None:
+        g_row = q.new_zeros(q.shape[0], dtype=torch.float32)
+    dq, dk, dscale, dbias = torch.ops.contrastgen.siglip_bwd(q, k, scale, bias, g_row.float(), ctx.backend)
+    return dq, dk, dscale.to(ctx.dtypes[0]), dbias.to(ctx.dtypes[1]), None
+
+
+siglip_fwd.register_autograd(_siglip_backward, setup_context=_siglip_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- cores
+def _make_cores(backend: str):
+    def infonce_core(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric):
+        if bank is not None and bank.shape[0] == 0:
+            bank = None
+        return torch.ops.contrastgen.infonce_fwd(q, k, bank, scale.reshape(()).float(), q_labels, k_labels,
+                                                 bool(exclude_self), bool(in_batch_negatives), bool(pml),
+                                                 bool(symmetric), backend)
+
+    def siglip_core(q, k, scale, bias):
+        return torch.ops.contrastgen.siglip_fwd(q, k, scale.reshape(()).float(), bias.reshape(()).float(), backend)
+
+    infonce_core.__name__ = f"infonce_core_{backend}"
+    siglip_core.__name__ = f"siglip_core_{backend}"
+    return infonce_core, siglip_core
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _cpp_available() -> bool:
+    """``contrastgen.ops._cpp_infonce`` imports and its compiled extension is there."""
+    try:
+        mod = importlib.import_module("contrastgen.ops._cpp_infonce")
+    except Exception:  # noqa: BLE001 - not written yet, or its extension failed to load
+        return False
+    avail = getattr(mod, "available", None)
+    if avail is not None:
+        return bool(avail() if callable(avail) else avail)
+    from ._backends import cpp_extension
+    return cpp_extension("infonce") is not None
+
+
+def _register_backends() -> None:
+    for backend, ok in (("triton", _triton_importable()), ("cpp", _cpp_available())):
+        if not ok:
+            continue
+        infonce_core, siglip_core = _make_cores(backend)
+        register("infonce_core", backend)(infonce_core)
+        register("siglip_core", backend)(siglip_core)
+
+
+_register_backends()
