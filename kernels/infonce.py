@@ -100,22 +100,23 @@ def _qk_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, D,
 
 
 @triton.jit
-def _masks(rows, cols, N, n_cols, ql_ptr, kl_ptr, has_labels, exclude_self, in_batch_neg, IS_BANK: tl.constexpr):
-    """(positive, valid) masks of a tile; out-of-range entries are neither."""
+def _masks(rows, cols, N, n_cols, ql_ptr, kl_ptr, has_labels, exclude_self, in_batch_neg, is_bank):
+    """(positive, valid) masks of a tile; out-of-range entries are neither.  Bank columns (is_bank):
+    never positive, always valid.  All flags are runtime ints (uniform branches): one compiled variant."""
     rmask = rows < N
     cmask = cols < n_cols
     inb = rmask[:, None] & cmask[None, :]
-    if IS_BANK:  # bank columns: never positive, always valid
-        pos = inb & (rows[:, None] < 0)
-        valid = inb
-    else:
-        ql = tl.load(ql_ptr + rows, mask=rmask & (has_labels != 0), other=0)
-        kl = tl.load(kl_ptr + cols, mask=cmask & (has_labels != 0), other=1)
-        same = rows[:, None] == cols[None, :]
-        pos = tl.where(has_labels != 0, ql[:, None] == kl[None, :], same)
-        valid = inb & ((exclude_self == 0) | (~same))
-        pos = pos & valid
-        valid = valid & (pos | (in_batch_neg != 0))
+    use_labels = (has_labels != 0) & (is_bank == 0)
+    ql = tl.load(ql_ptr + rows, mask=rmask & use_labels, other=0)
+    kl = tl.load(kl_ptr + cols, mask=cmask & use_labels, other=1)
+    same = rows[:, None] == cols[None, :]
+    pos = tl.where(has_labels != 0, ql[:, None] == kl[None, :], same)
+    valid = inb & ((exclude_self == 0) | (~same))
+    pos = pos & valid
+    valid = valid & (pos | (in_batch_neg != 0))
+    bank = inb & (is_bank != 0)
+    pos = pos & (~bank)
+    valid = valid | bank
     return pos, valid
 
 
@@ -164,8 +165,7 @@ def _accumulate_grads(ds, q_ptr, k_ptr, dq_ptr, dk_ptr, rows, cols, N, n_cols, D
 @triton.jit
 def _infonce_fwd_kernel(q_ptr, k_ptr, bank_ptr, scale_ptr, ql_ptr, kl_ptr,
                         row_loss_ptr, row_stats_ptr, col_part_ptr,
-                        N, M, K, D, has_labels, exclude_self, in_batch_neg,
-                        PML: tl.constexpr, SYMMETRIC: tl.constexpr,
+                        N, M, K, D, has_labels, exclude_self, in_batch_neg, pml, symmetric,
                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                         FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
     """Row losses/stats of one block of BLOCK_N queries; column partials for symmetric.
@@ -187,18 +187,14 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, bank_ptr, scale_ptr, ql_ptr, kl_ptr,
         cols = c0 + tl.arange(0, BLOCK_M)
         s = scale * _qk_tile(q_ptr, k_ptr, rows, cols, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, FP32_DOT, UPCAST)
         pos, valid = _masks(rows, cols, N, M, ql_ptr, kl_ptr, has_labels, exclude_self, in_batch_neg, False)
-        if PML:
-            lmask = valid & (~pos)
-        else:
-            lmask = valid
+        lmask = valid & ((pml == 0) | (~pos))
         m_new = tl.maximum(m_i, tl.max(tl.where(lmask, s, NEG), 1))
         p = tl.exp(tl.where(lmask, s - m_new[:, None], NEG))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(p, 1)
         m_i = m_new
         npos += tl.sum(pos.to(tl.float32), 1)
-        if not PML:
-            possum += tl.sum(tl.where(pos, s, 0.0), 1)
-        if SYMMETRIC:
+        possum += tl.sum(tl.where(pos, s, 0.0), 1)
+        if symmetric != 0:
             cm = tl.max(tl.where(valid, s, NEG), 0)
             cl = tl.sum(tl.exp(tl.where(valid, s - cm[None, :], NEG)), 0)
             cps = tl.sum(tl.where(pos, s, 0.0), 0)
@@ -218,7 +214,7 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, bank_ptr, scale_ptr, ql_ptr, kl_ptr,
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(p, 1)
         m_i = m_new
     lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-38)), NEG)
-    if PML:
+    if pml != 0:
         loss = tl.zeros((BLOCK_N,), tl.float32)
         for c0 in range(0, M, BLOCK_M):
             cols = c0 + tl.arange(0, BLOCK_M)
@@ -282,7 +278,7 @@ def _infonce_pml_coef_kernel(q_ptr, k_ptr, scale_ptr, ql_ptr, kl_ptr, row_stats_
 @triton.jit
 def _infonce_ds_tile(q_ptr, keys_ptr, scale, rows, cols, N, n_cols, D, ql_ptr, kl_ptr,
                      has_labels, exclude_self, in_batch_neg, row_stats_ptr, col_stats_ptr, g_row_ptr, g_col_ptr,
-                     coef_ptr, IS_BANK: tl.constexpr, PML: tl.constexpr, SYMMETRIC: tl.constexpr,
+                     coef_ptr, IS_BANK, pml, symmetric,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                      FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
     """(dS, Q K^T) of one tile; dS = dLoss/ds_ij as in the contract (without the scale factor)."""
@@ -293,7 +289,7 @@ def _infonce_ds_tile(q_ptr, keys_ptr, scale, rows, cols, N, n_cols, D, ql_ptr, k
     lse = tl.load(row_stats_ptr + 2 * rows, mask=rmask, other=0.0)
     npos = tl.load(row_stats_ptr + 2 * rows + 1, mask=rmask, other=0.0)
     g = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)
-    if PML:
+    if pml != 0:
         c = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
         p_neg = tl.exp(tl.where(valid & (~pos), s - lse[:, None], NEG))
         r = tl.where(pos, tl.sigmoid(tl.where(pos, lse[:, None] - s, 0.0)), 0.0)
@@ -302,7 +298,7 @@ def _infonce_ds_tile(q_ptr, keys_ptr, scale, rows, cols, N, n_cols, D, ql_ptr, k
         p = tl.exp(tl.where(valid, s - lse[:, None], NEG))
         ds = g[:, None] * (p - pos.to(tl.float32) / tl.maximum(npos, 1.0)[:, None])
         ds = tl.where((npos > 0)[:, None], ds, 0.0)
-    if SYMMETRIC:
+    if symmetric != 0:
         cmask = cols < n_cols
         lse_c = tl.load(col_stats_ptr + 2 * cols, mask=cmask, other=0.0)
         npos_c = tl.load(col_stats_ptr + 2 * cols + 1, mask=cmask, other=0.0)
@@ -316,8 +312,8 @@ def _infonce_ds_tile(q_ptr, keys_ptr, scale, rows, cols, N, n_cols, D, ql_ptr, k
 @triton.jit
 def _infonce_bwd_kernel(q_ptr, k_ptr, bank_ptr, scale_ptr, ql_ptr, kl_ptr, row_stats_ptr, col_stats_ptr,
                         g_row_ptr, g_col_ptr, coef_ptr, dq_ptr, dk_ptr, dbank_ptr, dscale_part_ptr,
-                        N, M, K, D, has_labels, exclude_self, in_batch_neg,
-                        PML: tl.constexpr, SYMMETRIC: tl.constexpr, DK_ATOMIC: tl.constexpr,
+                        N, M, K, D, has_labels, exclude_self, in_batch_neg, pml, symmetric,
+                        DK_ATOMIC: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                         FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
     """Backward over one block of query rows (recomputes each logits tile once).
@@ -334,7 +330,7 @@ def _infonce_bwd_kernel(q_ptr, k_ptr, bank_ptr, scale_ptr, ql_ptr, kl_ptr, row_s
         cols = c0 + tl.arange(0, BLOCK_M)
         ds, qk = _infonce_ds_tile(q_ptr, k_ptr, scale, rows, cols, N, M, D, ql_ptr, kl_ptr, has_labels,
                                   exclude_self, in_batch_neg, row_stats_ptr, col_stats_ptr, g_row_ptr, g_col_ptr,
-                                  coef_ptr, False, PML, SYMMETRIC, BLOCK_N, BLOCK_M, BLOCK_D, FP32_DOT, UPCAST)
+                                  coef_ptr, False, pml, symmetric, BLOCK_N, BLOCK_M, BLOCK_D, FP32_DOT, UPCAST)
         dscale += tl.sum(ds * qk, 1)
         _accumulate_grads(ds * scale, q_ptr, k_ptr, dq_ptr, dk_ptr, rows, cols, N, M, D, True, DK_ATOMIC, True,
                           BLOCK_N, BLOCK_M, BLOCK_D, FP32_DOT, UPCAST)
@@ -342,7 +338,7 @@ def _infonce_bwd_kernel(q_ptr, k_ptr, bank_ptr, scale_ptr, ql_ptr, kl_ptr, row_s
         cols = c0 + tl.arange(0, BLOCK_M)
         ds, qk = _infonce_ds_tile(q_ptr, bank_ptr, scale, rows, cols, N, K, D, ql_ptr, kl_ptr, has_labels,
                                   exclude_self, in_batch_neg, row_stats_ptr, col_stats_ptr, g_row_ptr, g_col_ptr,
-                                  coef_ptr, True, PML, False, BLOCK_N, BLOCK_M, BLOCK_D, FP32_DOT, UPCAST)
+                                  coef_ptr, True, pml, 0, BLOCK_N, BLOCK_M, BLOCK_D, FP32_DOT, UPCAST)
         dscale += tl.sum(ds * qk, 1)
         _accumulate_grads(ds * scale, q_ptr, bank_ptr, dq_ptr, dbank_ptr, rows, cols, N, K, D, True, DK_ATOMIC,
                           True, BLOCK_N, BLOCK_M, BLOCK_D, FP32_DOT, UPCAST)
@@ -352,8 +348,7 @@ def _infonce_bwd_kernel(q_ptr, k_ptr, bank_ptr, scale_ptr, ql_ptr, kl_ptr, row_s
 @triton.jit
 def _infonce_bwd_dk_kernel(q_ptr, keys_ptr, scale_ptr, ql_ptr, kl_ptr, row_stats_ptr, col_stats_ptr,
                            g_row_ptr, g_col_ptr, coef_ptr, dkeys_ptr,
-                           N, n_cols, D, has_labels, exclude_self, in_batch_neg,
-                           IS_BANK: tl.constexpr, PML: tl.constexpr, SYMMETRIC: tl.constexpr,
+                           N, n_cols, D, has_labels, exclude_self, in_batch_neg, is_bank, pml, symmetric,
                            BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                            FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
     """Deterministic dK (or dbank): one program per block of keys loops over all query blocks;
@@ -364,7 +359,7 @@ def _infonce_bwd_dk_kernel(q_ptr, keys_ptr, scale_ptr, ql_ptr, kl_ptr, row_stats
         rows = r0 + tl.arange(0, BLOCK_N)
         ds, qk = _infonce_ds_tile(q_ptr, keys_ptr, scale, rows, cols, N, n_cols, D, ql_ptr, kl_ptr, has_labels,
                                   exclude_self, in_batch_neg, row_stats_ptr, col_stats_ptr, g_row_ptr, g_col_ptr,
-                                  coef_ptr, IS_BANK, PML, SYMMETRIC, BLOCK_N, BLOCK_M, BLOCK_D, FP32_DOT, UPCAST)
+                                  coef_ptr, is_bank, pml, symmetric, BLOCK_N, BLOCK_M, BLOCK_D, FP32_DOT, UPCAST)
         _accumulate_grads(ds * scale, q_ptr, keys_ptr, dkeys_ptr, dkeys_ptr, rows, cols, N, n_cols, D, False, True,
                           False, BLOCK_N, BLOCK_M, BLOCK_D, FP32_DOT, UPCAST)
 
@@ -446,7 +441,7 @@ def _siglip_bwd_dk_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, g_row_ptr, dk_ptr, 
 
 # ----------------------------------------------------------------------------------------------- configs
 # (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages); the first entry is the fixed default on GPU.
-FWD_CONFIGS = [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 32, 8, 3)]
+FWD_CONFIGS = [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3)]
 BWD_CONFIGS = [(64, 64, 64, 4, 2), (128, 64, 32, 8, 2)]
 COL_REDUCE_BLOCK = 256
 INTERPRET_TILE = (64, 64, 64)  # few, large tiles keep the interpreter fast
@@ -463,13 +458,12 @@ _tuned = {
     "infonce_fwd": triton.autotune(_tconfigs(FWD_CONFIGS), key=["N", "M", "K", "D"])(_infonce_fwd_kernel),
     "infonce_bwd": triton.autotune(_tconfigs(BWD_CONFIGS), key=["N", "M", "K", "D"],
                                    reset_to_zero=["dq_ptr", "dk_ptr", "dbank_ptr"])(_infonce_bwd_kernel),
-    "infonce_pml_coef": triton.autotune(_tconfigs(BWD_CONFIGS), key=_KEY)(_infonce_pml_coef_kernel),
     "siglip_fwd": triton.autotune(_tconfigs(FWD_CONFIGS), key=_KEY)(_siglip_fwd_kernel),
     "siglip_bwd": triton.autotune(_tconfigs(BWD_CONFIGS), key=_KEY,
                                   reset_to_zero=["dq_ptr", "dk_ptr"])(_siglip_bwd_kernel),
 }
 _plain = {"infonce_fwd": (_infonce_fwd_kernel, FWD_CONFIGS), "infonce_bwd": (_infonce_bwd_kernel, BWD_CONFIGS),
-          "infonce_pml_coef": (_infonce_pml_coef_kernel, BWD_CONFIGS), "siglip_fwd": (_siglip_fwd_kernel, FWD_CONFIGS),
+          "infonce_pml_coef": (_infonce_pml_coef_kernel, BWD_CONFIGS[:1]), "siglip_fwd": (_siglip_fwd_kernel, FWD_CONFIGS),
           "siglip_bwd": (_siglip_bwd_kernel, BWD_CONFIGS)}
 
 
@@ -479,7 +473,7 @@ def _block_d(D: int, bd: int) -> int:
 
 def _launch(name, n_rows, D, deterministic, args, **const):
     """Launch kernel ``name`` over row blocks: autotuned, or the fixed default (interpreter/deterministic)."""
-    if _autotuning(deterministic):
+    if _autotuning(deterministic) and name in _tuned:
         tuner = _tuned[name]
         tuner[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]),)](*args, **const)
         return tuner.best_config.kwargs["BLOCK_N"]
@@ -505,6 +499,16 @@ def _dtype_flags(t: torch.Tensor):
     return {"FP32_DOT": t.dtype == torch.float32, "UPCAST": _interpreting()}
 
 
+def _kernel_input(t):
+    """Contiguous kernel input; float64 (gradcheck, CPU debugging) is computed in float32 -- the
+    outputs are float32 by contract, and the gradients are cast back to float64."""
+    if t is None:
+        return None
+    if t.dtype == torch.float64:
+        t = t.float()
+    return t.contiguous()
+
+
 def _scalar(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(1).to(device=like.device, dtype=torch.float32).contiguous()
 
@@ -519,11 +523,12 @@ def _labels(q_labels, k_labels, q):
 # ----------------------------------------------------------------------------------------------- launchers
 def infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric):
     """Fused InfoNCE forward: (row_loss (N,), col_loss (M,) or (0,), row_stats (N, 2), col_stats (M, 2) or (0, 2))."""
-    q, k = q.contiguous(), k.contiguous()
+    dtypes = (q.dtype, k.dtype, None if bank is None else bank.dtype)
+    q, k = _kernel_input(q), _kernel_input(k)
     n, d = q.shape
     m = k.shape[0]
     kb = 0 if bank is None else bank.shape[0]
-    bank_t = bank.contiguous() if kb else q
+    bank_t = _kernel_input(bank) if kb else q
     flags = _dtype_flags(q)
     ql, kl, has_labels = _labels(q_labels, k_labels, q)
     dev = q.device
@@ -536,8 +541,8 @@ def infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_ne
         part = row_loss  # unused
     block_n = _launch("infonce_fwd", n, d, None,
             (q, k, bank_t, _scalar(scale, q), ql, kl, row_loss, row_stats, part, n, m, kb, d, has_labels,
-             int(bool(exclude_self)), int(bool(in_batch_negatives))),
-            PML=bool(pml), SYMMETRIC=bool(symmetric), **flags)
+             int(bool(exclude_self)), int(bool(in_batch_negatives)), int(bool(pml)), int(bool(symmetric))),
+            **flags)
     if not symmetric:
         return row_loss, row_loss.new_zeros(0), row_stats, row_stats.new_zeros(0, 2)
     col_loss = torch.empty(m, dtype=torch.float32, device=dev)
@@ -552,11 +557,12 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_ne
                 row_stats, col_stats, g_row, g_col, deterministic=None):
     """Fused InfoNCE backward: (dq, dk, dbank or None, dscale 0-d float32)."""
     det = _deterministic(deterministic)
-    q, k = q.contiguous(), k.contiguous()
+    dtypes = (q.dtype, k.dtype, None if bank is None else bank.dtype)
+    q, k = _kernel_input(q), _kernel_input(k)
     n, d = q.shape
     m = k.shape[0]
     kb = 0 if bank is None else bank.shape[0]
-    bank_t = bank.contiguous() if kb else q
+    bank_t = _kernel_input(bank) if kb else q
     flags = _dtype_flags(q)
     ql, kl, has_labels = _labels(q_labels, k_labels, q)
     dev = q.device
@@ -581,8 +587,8 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_ne
     dscale_part = torch.zeros(triton.cdiv(n, _MIN_BLOCK_N), dtype=torch.float32, device=dev)
     _launch("infonce_bwd", n, d, det,
             (q, k, bank_t, sc, ql, kl, row_stats, col_stats, g_row, g_col, coef, dq, dk, dbank, dscale_part,
-             n, m, kb, d, has_labels, ex, ibn),
-            PML=bool(pml), SYMMETRIC=bool(symmetric), DK_ATOMIC=not det, **flags)
+             n, m, kb, d, has_labels, ex, ibn, int(bool(pml)), int(bool(symmetric))),
+            DK_ATOMIC=not det, **flags)
     if det:
         bn, bm, bd, w, s = _dk_tiles(d)
         for keys, dkeys, ncols, is_bank in ((k, dk, m, False), (bank_t, dbank, kb, True)):
@@ -590,15 +596,16 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_ne
                 continue
             _infonce_bwd_dk_kernel[(triton.cdiv(ncols, bm),)](
                 q, keys, sc, ql, kl, row_stats, col_stats, g_row, g_col, coef, dkeys, n, ncols, d, has_labels, ex,
-                ibn, IS_BANK=is_bank, PML=bool(pml), SYMMETRIC=bool(symmetric) and not is_bank,
+                ibn, int(is_bank), int(bool(pml)), int(bool(symmetric) and not is_bank),
                 BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=s, **flags)
-    dbank_out = dbank[:kb].to(bank.dtype) if kb else None
-    return dq.to(q.dtype), dk.to(k.dtype), dbank_out, dscale_part.sum()
+    dbank_out = dbank[:kb].to(dtypes[2]) if kb else None
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dbank_out, dscale_part.sum()
 
 
 def siglip_fwd(q, k, scale, bias):
     """Fused SigLIP forward: row_loss (N,) float32 (the loss is row_loss.sum() / N)."""
-    q, k = q.contiguous(), k.contiguous()
+    dtypes = (q.dtype, k.dtype)
+    q, k = _kernel_input(q), _kernel_input(k)
     n, d = q.shape
     m = k.shape[0]
     row_loss = torch.empty(n, dtype=torch.float32, device=q.device)
@@ -610,7 +617,8 @@ def siglip_fwd(q, k, scale, bias):
 def siglip_bwd(q, k, scale, bias, g_row, deterministic=None):
     """Fused SigLIP backward: (dq, dk, dscale 0-d float32, dbias 0-d float32)."""
     det = _deterministic(deterministic)
-    q, k = q.contiguous(), k.contiguous()
+    dtypes = (q.dtype, k.dtype)
+    q, k = _kernel_input(q), _kernel_input(k)
     n, d = q.shape
     m = k.shape[0]
     flags = _dtype_flags(q)
@@ -627,7 +635,7 @@ def siglip_bwd(q, k, scale, bias, g_row, deterministic=None):
         bn, bm, bd, w, s = _dk_tiles(d)
         _siglip_bwd_dk_kernel[(triton.cdiv(m, bm),)](q, k, sc, b, g_row, dk, n, m, d, BLOCK_N=bn, BLOCK_M=bm,
                                                      BLOCK_D=bd, num_warps=w, num_stages=s, **flags)
-    return dq.to(q.dtype), dk.to(k.dtype), dscale_part.sum(), dbias_part.sum()
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dscale_part.sum(), dbias_part.sum()
 
 
 # ----------------------------------------------------------------------------------------------- AOT list
@@ -652,21 +660,15 @@ def _aot_configs():
         jobs = []
         for bn, bm, bd, w, s in FWD_CONFIGS:
             tile = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_D": bd}
-            for pml, sym in ((False, False), (True, False), (False, True)):
-                jobs.append((_infonce_fwd_kernel, {"PML": pml, "SYMMETRIC": sym, **tile}, w, s))
+            jobs.append((_infonce_fwd_kernel, tile, w, s))
             jobs.append((_siglip_fwd_kernel, tile, w, s))
         for i, (bn, bm, bd, w, s) in enumerate(BWD_CONFIGS):
             tile = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_D": bd}
-            for pml, sym in ((False, False), (True, False), (False, True)):
-                for atomic in ((True, False) if i == 0 else (True,)):  # deterministic mode uses the default tile
-                    jobs.append((_infonce_bwd_kernel, {"PML": pml, "SYMMETRIC": sym, "DK_ATOMIC": atomic, **tile}, w, s))
-                if i == 0:
-                    for is_bank in (False, True):
-                        if is_bank and sym:
-                            continue
-                        jobs.append((_infonce_bwd_dk_kernel,
-                                     {"IS_BANK": is_bank, "PML": pml, "SYMMETRIC": sym, **tile}, w, s))
-            jobs.append((_infonce_pml_coef_kernel, tile, w, s))
+            for atomic in ((True, False) if i == 0 else (True,)):  # deterministic mode uses the default tile
+                jobs.append((_infonce_bwd_kernel, {"DK_ATOMIC": atomic, **tile}, w, s))
+            if i == 0:
+                jobs.append((_infonce_bwd_dk_kernel, tile, w, s))
+                jobs.append((_infonce_pml_coef_kernel, tile, w, s))
             for atomic in ((True, False) if i == 0 else (True,)):
                 jobs.append((_siglip_bwd_kernel, {"DK_ATOMIC": atomic, **tile}, w, s))
             if i == 0:
