@@ -25,13 +25,23 @@ def cpp_extension(name: str):
         return None
 
 
+_CPP_PROBE_RESULT = None
+
+
 def _cpp_probe():
-    import contrastgen
-    pkg_dir = os.path.dirname(contrastgen.__file__)
+    # Cached: torch.compile(fullgraph=True) cannot trace os.listdir, so the directory is listed once
+    # (eagerly, at import) and later calls only read the cached tuple.
+    global _CPP_PROBE_RESULT
+    if _CPP_PROBE_RESULT is not None:
+        return _CPP_PROBE_RESULT
+    pkg_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the contrastgen package
     if any(f.startswith("_cpp_") and f.endswith(".so") for f in os.listdir(pkg_dir)):
-        return True, ""
-    return False, "the C++ extension is not built (CONTRASTGEN_SKIP_CPP=1 or no compiler at install time)"
+        _CPP_PROBE_RESULT = (True, "")
+    else:
+        _CPP_PROBE_RESULT = (False, "the C++ extension is not built (CONTRASTGEN_SKIP_CPP=1 or no compiler at install time)")
+    return _CPP_PROBE_RESULT
 
 
 register_availability("triton", _triton_probe)
 register_availability("cpp", _cpp_probe)
+_cpp_probe()

@@ -1,0 +1,251 @@
+"""Fused Dispersive Loss / uniformity (cpp and Triton-interpreter backends) vs the float64 references."""
+import math
+
+import pytest
+import torch
+
+import contrastgen
+from contrastgen.ops import dispersive as D
+from contrastgen.reference import dispersive_loss_ref, uniformity_ref
+
+BACKENDS = list(D.AVAILABLE_BACKENDS)
+VARIANTS = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
+
+
+def _kw(variant):
+    return dict(variant=variant, tau=0.6, margin=3.0 if variant == "hinge" else 1.0)
+
+
+@pytest.fixture
+def force_tiled(monkeypatch):
+    monkeypatch.setattr(D, "GRAM_PATH_MAX_B", 0)
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _check(out, out_lowp_torch, ref64, rel_floor):
+    """Kernel error vs float64 at most 2x PyTorch's own error at the input precision, plus a small floor."""
+    floor = rel_floor * (ref64.abs().max().item() + 1e-3)
+    err, torch_err = _err(out, ref64), _err(out_lowp_torch, ref64)
+    assert err <= 2.0 * torch_err + floor, (err, torch_err, floor)
+
+
+def _compare(backend, z0, variant, dtype, rel_floor, grouped=True):
+    z = z0.to(dtype).requires_grad_()
+    z64 = z0.to(dtype).double().requires_grad_()
+    zt = z0.to(dtype).requires_grad_()
+    kw = _kw(variant)
+    out = contrastgen.dispersive_loss(z, grouped=grouped, backend=backend, **kw)
+    ref = dispersive_loss_ref(z64, grouped=grouped, **kw)
+    ref_t = dispersive_loss_ref(zt, grouped=grouped, **kw)
+    assert out.shape == ref.shape and out.dtype == dtype
+    _check(out, ref_t, ref, rel_floor)
+    go = torch.randn(ref.shape, dtype=torch.float64)
+    g, = torch.autograd.grad(out, z, go.to(dtype))
+    g64, = torch.autograd.grad(ref, z64, go)
+    gt, = torch.autograd.grad(ref_t, zt, go.to(dtype))
+    assert g.dtype == dtype
+    _check(g, gt, g64, rel_floor)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gram_path_matches_reference(backend, variant, dtype):
+    # G = 2 groups, B = 9 (not a multiple of any tile), M = 301 (odd, >= 4 B: Gram path)
+    assert D.choose_path(9, 301, variant) == "gram"
+    _compare(backend, torch.randn(2, 9, 301) * 1.5, variant, dtype, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ("infonce_l2", "infonce_cosine", "hinge"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiled_path_matches_reference(backend, variant, dtype):
+    # B = 70 samples (two 64-row tiles, ragged), M = 19 < 4 B: tiled path by shape
+    assert D.choose_path(70, 19, variant) == "tiled"
+    _compare(backend, torch.randn(2, 70, 19) * 0.4, variant, dtype, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ("infonce_l2", "hinge"))
+def test_tiled_path_forced_on_gram_shapes(backend, variant, force_tiled):
+    assert D.choose_path(9, 301, variant) == "tiled"
+    _compare(backend, torch.randn(2, 9, 301), variant, torch.float32, 1e-5)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "cpp"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float16_cpp(backend, variant):
+    _compare(backend, torch.randn(2, 7, 101), variant, torch.float16, 1e-4)
+
+
+def test_path_switch_thresholds(monkeypatch):
+    assert D.choose_path(32, 294_912, "infonce_l2") == "gram"        # SiT-XL/2
+    assert D.choose_path(256, 294_912, "infonce_l2") == "gram"
+    assert D.choose_path(4096, 64, "infonce_l2") == "tiled"          # uniformity-like
+    assert D.choose_path(513, 10**6, "infonce_l2") == "tiled"        # too many samples for a B x B Gram
+    assert D.choose_path(64, 255, "hinge") == "tiled" and D.choose_path(64, 256, "hinge") == "gram"
+    assert D.choose_path(4096, 64, "covariance") == "gram"           # needs column statistics
+    monkeypatch.setattr(D, "GRAM_PATH_MIN_RATIO", 1)
+    assert D.choose_path(64, 64, "infonce_l2") == "gram"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_switch_boundary_both_paths_agree(backend):
+    """At the switch (M = 4B vs M = 4B - 1) each side runs its own path; both match the reference, and the
+    two paths give the same loss and gradient on the same input."""
+    z = torch.randn(1, 8, 32, dtype=torch.float64)
+    for m in (31, 32):
+        assert D.choose_path(8, m, "infonce_l2") == ("gram" if m == 32 else "tiled")
+        _compare(backend, torch.randn(2, 8, m), "infonce_l2", torch.float32, 1e-5)
+    res = {}
+    for path in ("gram", "tiled"):
+        zz = z.clone().requires_grad_()
+        loss, aux, _ = torch.ops.contrastgen.dispersive_fwd(zz, "infonce_l2", 0.5, 1.0, backend, path)
+        assert aux.shape == ((1, 8, 8) if path == "gram" else (1, 8))
+        res[path] = (loss, torch.autograd.grad(loss.sum(), zz)[0])
+    torch.testing.assert_close(res["gram"][0], res["tiled"][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(res["gram"][1], res["tiled"][1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ("infonce_l2", "infonce_cosine", "hinge"))
+@pytest.mark.parametrize("path", ("gram", "tiled"))
+def test_single_sample(backend, variant, path, monkeypatch):
+    if path == "tiled":
+        monkeypatch.setattr(D, "GRAM_PATH_MAX_B", 0)
+    z = torch.randn(1, 37, requires_grad=True)
+    out = contrastgen.dispersive_loss(z, backend=backend, **_kw(variant))
+    ref = dispersive_loss_ref(z.detach().double(), **_kw(variant))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    g, = torch.autograd.grad(out, z)
+    if variant == "infonce_l2":
+        assert out.item() == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(g, torch.zeros_like(g), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_covariance_needs_two_samples(backend):
+    with pytest.raises(ValueError, match="at least 2"):
+        contrastgen.dispersive_loss(torch.randn(1, 8), variant="covariance", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_two_samples_ungrouped_4d(backend, variant):
+    # B = 2, features (3, 5): flattened by the API to M = 15; scalar output.  Covariance at B = 2 is
+    # ill-conditioned: the whole gradient is the eps-sized residual of the batch-norm projection of a
+    # gradient ~B*M times larger (rounding of that larger term, times rstd), hence its looser floor.
+    _compare(backend, torch.randn(2, 3, 5), variant, torch.float32, 1e-4 if variant == "covariance" else 1e-5,
+             grouped=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uniformity_matches_reference(backend, dtype):
+    x0 = torch.randn(130, 33) * 0.3
+    x = x0.to(dtype).requires_grad_()
+    x64 = x0.to(dtype).double().requires_grad_()
+    xt = x0.to(dtype).requires_grad_()
+    out = contrastgen.uniformity(x, t=2.0, backend=backend)
+    ref, ref_t = uniformity_ref(x64, t=2.0), uniformity_ref(xt, t=2.0)
+    assert out.shape == () and out.dtype == dtype
+    _check(out, ref_t, ref, 1e-5)
+    go = torch.randn((), dtype=torch.float64)
+    _check(torch.autograd.grad(out, x, go.to(dtype))[0], torch.autograd.grad(ref_t, xt, go.to(dtype))[0],
+           torch.autograd.grad(ref, x64, go)[0], 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uniformity_two_points_far_apart(backend):
+    # all off-diagonal logits are very negative: the online max must keep the result finite
+    x = torch.tensor([[0.0, 0.0], [6.0, 8.0]], requires_grad=True)
+    out = contrastgen.uniformity(x, t=2.0, backend=backend)
+    assert out.item() == pytest.approx(-200.0, rel=1e-6)
+    g, = torch.autograd.grad(out, x)
+    torch.testing.assert_close(g, torch.tensor([[24.0, 32.0], [-24.0, -32.0]]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("path", ("gram", "tiled"))
+def test_gradcheck_float64(backend, variant, path):
+    if variant == "covariance" and path == "tiled":
+        pytest.skip("covariance always runs the Gram path")
+    torch.manual_seed(1)
+    z = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(z):
+        zz = torch.nn.functional.normalize(z, dim=-1) if (variant == "infonce_cosine" and path == "tiled") else z
+        return torch.ops.contrastgen.dispersive_fwd(zz, variant, 0.7, 2.0, backend, path)[0]
+
+    assert torch.autograd.gradcheck(f, (z,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_uniformity(backend):
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: torch.ops.contrastgen.uniformity_fwd(x, 1.5, backend)[0], (x,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant,path", [("infonce_l2", "gram"), ("covariance", "gram"), ("hinge", "tiled"),
+                                          ("infonce_cosine", "gram")])
+def test_opcheck_dispersive(backend, variant, path):
+    z = torch.randn(2, 5, 24, requires_grad=True)
+    torch.library.opcheck(torch.ops.contrastgen.dispersive_fwd.default, (z, variant, 0.5, 1.0, backend, path))
+    loss, aux, stats = torch.ops.contrastgen.dispersive_fwd(z.detach(), variant, 0.5, 1.0, backend, path)
+    torch.library.opcheck(torch.ops.contrastgen.dispersive_bwd.default,
+                          (torch.randn(2), z.detach(), loss, aux, stats, variant, 0.5, 1.0, backend, path))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_uniformity(backend):
+    x = torch.randn(20, 6, requires_grad=True)
+    torch.library.opcheck(torch.ops.contrastgen.uniformity_fwd.default, (x, 2.0, backend))
+    loss, rows = torch.ops.contrastgen.uniformity_fwd(x.detach(), 2.0, backend)
+    torch.library.opcheck(torch.ops.contrastgen.uniformity_bwd.default, (torch.randn(()), x.detach(), rows, 2.0,
+                                                                          backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+
+    def f(z, x):
+        return (contrastgen.dispersive_loss(z, variant="infonce_l2", tau=0.5, grouped=True, backend=backend).sum()
+                + contrastgen.uniformity(x, backend=backend))
+
+    z = torch.randn(2, 6, 40, requires_grad=True)
+    x = torch.randn(30, 8, requires_grad=True)
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = cf(z, x)
+    ref = f(z, x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(torch.autograd.grad(out, (z, x)), torch.autograd.grad(ref, (z, x)))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.parametrize("deterministic", (True, False))
+def test_triton_split_k_gram(deterministic):
+    from contrastgen.kernels import dispersive as K
+    z = torch.randn(2, 70, 333)
+    ref = z.double() @ z.double().transpose(-1, -2)
+    for splits in (1, 3):
+        g = K.gram(z, splits=splits, deterministic=deterministic)
+        torch.testing.assert_close(g.double(), ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(g, g.transpose(-1, -2), rtol=0, atol=0)
+
+
+def test_cpp_and_triton_agree_on_grouped_input():
+    if len(BACKENDS) < 2:
+        pytest.skip("needs both backends")
+    z = torch.randn(3, 6, 50, dtype=torch.float64)
+    outs = [contrastgen.dispersive_loss(z, variant="covariance", grouped=True, backend=b) for b in BACKENDS]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-9)
+    # each group of a grouped call equals the ungrouped call on that group
+    single = torch.stack([contrastgen.dispersive_loss(z[i], variant="covariance", backend=BACKENDS[0]) for i in range(3)])
+    torch.testing.assert_close(outs[0], single, rtol=1e-12, atol=1e-9)
+    assert math.isfinite(outs[0].sum().item())
