@@ -59,3 +59,21 @@ def plot_results(doc, path, mode_pref=("fwd+bwd", "fwd", "bwd")) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def main(argv=None):
+    """``python -m benches.plot RUN.json [OUT.png]``: (re)draw the plot of a saved run."""
+    import json
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print(main.__doc__)
+        return 2
+    src = Path(argv[0])
+    out = plot_results(json.loads(src.read_text()), Path(argv[1]) if len(argv) > 1 else src.with_suffix(".png"))
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
