@@ -1,0 +1,247 @@
+"""CPU (C++/OpenMP) implementation of the InfoNCE / SigLIP core contract (``contrastgen/reference/core.py``).
+
+Plain functions on tensors (no autograd); ``contrastgen/ops/infonce.py`` wraps them in custom ops.
+
+Design (measured 2026-11-24 on the 2-core AVX-512 machine, see ``benches/cpu_infonce.py``): rows are processed
+in blocks of B queries.  For each block the products go through torch's BLAS (MKL, ~130 GFLOP/s here):
+
+    forward:   S = Q_blk K^T                      (B x C, C = M + bank rows; a reused buffer)
+               C++ epilogue (csrc/infonce.cpp): row lse / positives / loss, and for ``symmetric`` the running
+               column (max, sum exp) merged across blocks in the same pass  -> 1 GEMM
+    backward:  S = Q_blk K^T  (recomputed), C++ epilogue overwrites it with scale * dS (rows and columns,
+               from the saved lse) and returns sum dS * S for dscale;
+               dQ_blk = (scale dS) K,  dK += (scale dS)^T Q_blk      -> 3 GEMMs
+
+so 4 GEMM-equivalents in total and O(B*C + N*D) extra memory (never N x M).  A hand-written AVX-512 product
+in the extension was slower than MKL here (see the benchmark notes), hence the split.
+
+Dtypes: float32 is computed as is.  bfloat16 / float16 inputs are converted to float32 (keys once, O(M*D);
+queries per block) before the products, which accumulate in float32 and feed the float32 epilogue; float64
+inputs are computed in float32 as well (documented: results match float64 references to float32 accuracy).
+dq / dk / dbank are returned in the input dtypes, losses and stats in float32.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._backends import cpp_extension
+
+_ext = cpp_extension("infonce")
+
+# Elements of the (B x C) block buffer: 4 Mi floats = 16 MiB.  B = 512 rows at C = 8192 measured fastest
+# (larger blocks stop fitting in the 32 MiB L3 with the GEMM's own panels; smaller ones run the GEMMs slower).
+BLOCK_ELEMS = 1 << 22
+MAX_BLOCK_ROWS = 512
+_EMPTY_I64 = torch.zeros(0, dtype=torch.int64)
+_EMPTY_F32 = torch.zeros(0, dtype=torch.float32)
+
+
+def available() -> bool:
+    """True when the compiled extension ``contrastgen._cpp_infonce`` can be imported."""
+    return _ext is not None
+
+
+def _need_ext():
+    if _ext is None:
+        raise RuntimeError("contrastgen._cpp_infonce is not built (CONTRASTGEN_SKIP_CPP=1 or no compiler at install "
+                           "time); reinstall with `pip install --no-build-isolation -e .`")
+    return _ext
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _f32(t: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"the C++ backend runs on CPU tensors, {name} is on {t.device}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, D), got shape {tuple(t.shape)}")
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _scalar(t, name: str) -> float:
+    # the scale / bias are hyper-parameters or learned scalars: reading them on the host is allowed
+    if isinstance(t, torch.Tensor):
+        if t.numel() != 1:
+            raise ValueError(f"{name} must be a 0-d tensor, got shape {tuple(t.shape)}")
+        return float(t.detach().reshape(()).to(torch.float64))
+    return float(t)
+
+
+def _labels(t, n: int, name: str) -> torch.Tensor:
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    return t.detach().to(torch.int64).contiguous()
+
+
+def _block_rows(n: int, c: int) -> int:
+    return max(1, min(n, MAX_BLOCK_ROWS, BLOCK_ELEMS // max(c, 1)))
+
+
+def _prepare(q, k, bank, q_labels, k_labels):
+    qf, kf = _f32(q, "q"), _f32(k, "k")
+    if kf.shape[1] != qf.shape[1]:
+        raise ValueError(f"q and k must have the same feature dimension: {tuple(q.shape)} vs {tuple(k.shape)}")
+    kb = 0
+    keys = kf
+    if bank is not None and bank.shape[0] > 0:
+        bf = _f32(bank, "bank")
+        if bf.shape[1] != qf.shape[1]:
+            raise ValueError(f"bank must have the feature dimension of q: {tuple(bank.shape)} vs {tuple(q.shape)}")
+        kb = bf.shape[0]
+        keys = torch.cat([kf, bf], 0)
+    has_labels = q_labels is not None
+    if has_labels != (k_labels is not None):
+        raise ValueError("q_labels and k_labels must both be given or both be None")
+    ql = _labels(q_labels, qf.shape[0], "q_labels") if has_labels else _EMPTY_I64
+    kl = _labels(k_labels, kf.shape[0], "k_labels") if has_labels else _EMPTY_I64
+    return qf, keys, kf.shape[0], kb, has_labels, ql, kl
+
+
+def _check_flags(exclude_self, symmetric, pml, kb, n, m):
+    if exclude_self and n != m:
+        raise ValueError(f"exclude_self needs q and k to be the same set (N == M), got N={n}, M={m}")
+    if symmetric and (pml or kb or exclude_self):
+        raise ValueError("symmetric needs supcon positives (pml=False), no bank and exclude_self=False")
+
+
+# ---------------------------------------------------------------------------------------------- InfoNCE
+def infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_batch_negatives: bool, pml: bool,
+                symmetric: bool):
+    """-> (row_loss (N,), col_loss (M,) or (0,), row_stats (N, 2), col_stats (M, 2) or (0, 2)), all float32."""
+    ext = _need_ext()
+    qf, keys, m, kb, has_labels, ql, kl = _prepare(q, k, bank, q_labels, k_labels)
+    n, c = qf.shape[0], keys.shape[0]
+    _check_flags(exclude_self, symmetric, pml, kb, n, m)
+    sc = _scalar(scale, "scale")
+    row_loss = torch.empty(n, dtype=torch.float32)
+    row_stats = torch.empty(n, 2, dtype=torch.float32)
+    col_state = torch.empty(4, m if symmetric else 0, dtype=torch.float64)
+    if symmetric:
+        col_state[0].fill_(float("-inf"))
+        col_state[1:].zero_()
+    bsz = _block_rows(n, c)
+    buf = torch.empty(bsz * c, dtype=torch.float32)
+    keys_t = keys.T
+    rl, rs, cs, qln, kln = row_loss.numpy(), row_stats.numpy(), col_state.numpy(), ql.numpy(), kl.numpy()
+    for i0 in range(0, n, bsz):
+        b = min(bsz, n - i0)
+        s = buf[: b * c].view(b, c)
+        torch.matmul(qf[i0:i0 + b], keys_t, out=s)
+        ext.infonce_fwd_block(s.numpy(), sc, i0, m, qln, kln, has_labels, bool(exclude_self),
+                              bool(in_batch_negatives), bool(pml), bool(symmetric), rl[i0:i0 + b], rs[i0:i0 + b],
+                              cs)
+    if not symmetric:
+        return row_loss, torch.zeros(0, dtype=torch.float32), row_stats, torch.zeros(0, 2, dtype=torch.float32)
+    col_loss = torch.empty(m, dtype=torch.float32)
+    col_stats = torch.empty(m, 2, dtype=torch.float32)
+    ext.infonce_col_finalize(cs, col_loss.numpy(), col_stats.numpy())
+    return row_loss, col_loss, row_stats, col_stats
+
+
+def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_batch_negatives: bool, pml: bool,
+                symmetric: bool, row_stats, col_stats, g_row, g_col):
+    """-> (dq like q, dk like k, dbank like bank or None, dscale 0-d float32)."""
+    ext = _need_ext()
+    qf, keys, m, kb, has_labels, ql, kl = _prepare(q, k, bank, q_labels, k_labels)
+    n, c, d = qf.shape[0], keys.shape[0], qf.shape[1]
+    _check_flags(exclude_self, symmetric, pml, kb, n, m)
+    sc = _scalar(scale, "scale")
+    rstats = row_stats.detach().to(torch.float32).contiguous()
+    g = g_row.detach().to(torch.float32).contiguous()
+    if rstats.shape != (n, 2) or g.shape != (n,):
+        raise ValueError(f"row_stats must be ({n}, 2) and g_row ({n},), got {tuple(rstats.shape)}, {tuple(g.shape)}")
+    if symmetric:
+        cst = col_stats.detach().to(torch.float32)
+        gc = g_col.detach().to(torch.float32)
+        if cst.shape != (m, 2) or gc.shape != (m,):
+            raise ValueError(f"col_stats must be ({m}, 2) and g_col ({m},), got {tuple(cst.shape)}, {tuple(gc.shape)}")
+        col_lse = cst[:, 0].contiguous()
+        npos_c = cst[:, 1]
+        col_g = torch.where(npos_c > 0, gc, torch.zeros_like(gc)).contiguous()
+        col_gp = (col_g / npos_c.clamp_min(1)).contiguous()
+        # one-exponential backward (csrc `factored`): col_cb_j = col_g_j exp(R - lsec_j), R = min lsec_j over the
+        # columns that carry a gradient (inf when there is none: the kernel then never factors)
+        live = (col_g != 0) & (col_lse > -1e30)
+        lsec64 = col_lse.double()
+        col_ref = float(lsec64[live].min()) if bool(live.any()) else float("inf")
+        col_cb = torch.where(live, col_g.double() * torch.exp(col_ref - lsec64), 0.0).float().contiguous()
+        cl, cg, cgp, ccb = col_lse.numpy(), col_g.numpy(), col_gp.numpy(), col_cb.numpy()
+    else:
+        cl = cg = cgp = ccb = _EMPTY_F32.numpy()
+        col_ref = float("inf")
+    dq = torch.empty(n, d, dtype=torch.float32)
+    dkeys = torch.zeros(c, d, dtype=torch.float32)
+    bsz = _block_rows(n, c)
+    buf = torch.empty(bsz * c, dtype=torch.float32)
+    keys_t = keys.T
+    rsn, gn, qln, kln = rstats.numpy(), g.numpy(), ql.numpy(), kl.numpy()
+    dscale = 0.0
+    for i0 in range(0, n, bsz):
+        b = min(bsz, n - i0)
+        s = buf[: b * c].view(b, c)
+        qb = qf[i0:i0 + b]
+        torch.matmul(qb, keys_t, out=s)
+        dscale += ext.infonce_bwd_block(s.numpy(), sc, i0, m, qln, kln, has_labels, bool(exclude_self),
+                                        bool(in_batch_negatives), bool(pml), bool(symmetric), rsn[i0:i0 + b],
+                                        gn[i0:i0 + b], cl, cg, cgp, ccb, col_ref)
+        torch.matmul(s, keys, out=dq[i0:i0 + b])      # (b, C) @ (C, D): dQ_blk = scale dS K
+        dkeys.addmm_(s.T, qb)                          # (C, b) @ (b, D): dK += scale dS^T Q_blk
+    dbank = dkeys[m:].to(bank.dtype) if kb else None
+    return (dq.to(q.dtype), dkeys[:m].to(k.dtype), dbank, torch.tensor(dscale, dtype=torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------- SigLIP
+def siglip_fwd(q, k, scale, bias):
+    """-> row_loss (N,) float32: sum_j -log sigmoid(y_ij (scale q_i.k_j + bias))."""
+    ext = _need_ext()
+    qf, kf = _f32(q, "q"), _f32(k, "k")
+    if kf.shape[1] != qf.shape[1]:
+        raise ValueError(f"q and k must have the same feature dimension: {tuple(q.shape)} vs {tuple(k.shape)}")
+    sc, bi = _scalar(scale, "scale"), _scalar(bias, "bias")
+    n, c = qf.shape[0], kf.shape[0]
+    row_loss = torch.empty(n, dtype=torch.float32)
+    bsz = _block_rows(n, c)
+    buf = torch.empty(bsz * c, dtype=torch.float32)
+    rl, kt = row_loss.numpy(), kf.T
+    for i0 in range(0, n, bsz):
+        b = min(bsz, n - i0)
+        s = buf[: b * c].view(b, c)
+        torch.matmul(qf[i0:i0 + b], kt, out=s)
+        ext.siglip_fwd_block(s.numpy(), sc, bi, i0, rl[i0:i0 + b])
+    return row_loss
+
+
+def siglip_bwd(q, k, scale, bias, g_row):
+    """-> (dq like q, dk like k, dscale 0-d float32, dbias 0-d float32)."""
+    ext = _need_ext()
+    qf, kf = _f32(q, "q"), _f32(k, "k")
+    if kf.shape[1] != qf.shape[1]:
+        raise ValueError(f"q and k must have the same feature dimension: {tuple(q.shape)} vs {tuple(k.shape)}")
+    sc, bi = _scalar(scale, "scale"), _scalar(bias, "bias")
+    n, c, d = qf.shape[0], kf.shape[0], qf.shape[1]
+    g = g_row.detach().to(torch.float32).contiguous()
+    if g.shape != (n,):
+        raise ValueError(f"g_row must have shape ({n},), got {tuple(g.shape)}")
+    dq = torch.empty(n, d, dtype=torch.float32)
+    dk = torch.zeros(c, d, dtype=torch.float32)
+    bsz = _block_rows(n, c)
+    buf = torch.empty(bsz * c, dtype=torch.float32)
+    gn, kt = g.numpy(), kf.T
+    dscale = dbias = 0.0
+    for i0 in range(0, n, bsz):
+        b = min(bsz, n - i0)
+        s = buf[: b * c].view(b, c)
+        qb = qf[i0:i0 + b]
+        torch.matmul(qb, kt, out=s)
+        ds, db = ext.siglip_bwd_block(s.numpy(), sc, bi, i0, gn[i0:i0 + b])
+        dscale += ds
+        dbias += db
+        torch.matmul(s, kf, out=dq[i0:i0 + b])
+        dk.addmm_(s.T, qb)
+    return (dq.to(q.dtype), dk.to(k.dtype), torch.tensor(dscale, dtype=torch.float32),
+            torch.tensor(dbias, dtype=torch.float32))
