@@ -40,6 +40,16 @@ class Skip(Exception):
     """A provider that cannot run this case (not installed, wrong device, no implementation)."""
 
 
+# Bytes a case may use; set by the runner (70% of available RAM on CPU, where an OOM kills the
+# process; 2x free memory on CUDA, where an OOM is caught).  Peers with a known blow-up check it.
+MEMORY_LIMIT = float("inf")
+
+
+def _check_memory(who, need):
+    if need > MEMORY_LIMIT:
+        raise Skip(f"{who} would need ~{need / 2**30:.0f} GiB, more than the {MEMORY_LIMIT / 2**30:.0f} GiB limit")
+
+
 @dataclass
 class Inputs:
     args: tuple
@@ -149,7 +159,15 @@ def peer_inf_cl_infonce(shape, dtype, device):
     return fn
 
 
+def _pml_bytes(n_pos_pairs, n_neg_pairs):
+    """PML's NTXentLoss builds (positive pairs x negative pairs) matrices (mask, masked logits, their
+    gradients): about 24 bytes per element, cubic in N."""
+    return 24.0 * n_pos_pairs * n_neg_pairs
+
+
 def peer_pml_ntxent_views(shape, dtype, device):
+    n2 = 2 * shape["N"]
+    _check_memory("pytorch-metric-learning NTXentLoss", _pml_bytes(n2, n2 * (n2 - 2)))
     losses = _lazy("pytorch_metric_learning.losses", "pytorch-metric-learning")
 
     def fn(inp):
@@ -163,6 +181,8 @@ def peer_pml_ntxent_views(shape, dtype, device):
 def peer_pml_ntxent_labels(shape, dtype, device):
     """PML's NT-Xent on labelled embeddings (self excluded).  PML uses cosine similarity; the inputs
     are built L2-normalised so that it equals the dot-product loss of ``info_nce(positives="pml")``."""
+    n = shape["N"]
+    _check_memory("pytorch-metric-learning NTXentLoss", _pml_bytes(3 * n, n * (n - 4)))   # 4 views per class
     losses = _lazy("pytorch_metric_learning.losses", "pytorch-metric-learning")
 
     def fn(inp):

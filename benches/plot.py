@@ -13,6 +13,7 @@ def plot_results(doc, path, mode_pref=("fwd+bwd", "fwd", "bwd")) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
     ok = [r for r in doc["results"] if r["status"] == "ok"]
     ops = []
@@ -45,6 +46,13 @@ def plot_results(doc, path, mode_pref=("fwd+bwd", "fwd", "bwd")) -> Path:
                     label=label, linewidth=1.4, markersize=5)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        xs = sorted({r["shape"][xkey] for r in rows})
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x // 1024}k" if x >= 8192 and x % 1024 == 0 else str(x) for x in xs], fontsize=8)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xkey)
         ax.set_ylabel(f"{mode} time (ms)")
         ax.set_title(op, fontsize=11)

@@ -322,6 +322,7 @@ def main(argv=None):
     # A CPU OOM can kill the process: skip dense cases that would not fit.  A CUDA OOM is caught and
     # recorded as a failure, so on CUDA only the hopeless ones are skipped (the estimate is rough).
     dense_limit = 0.7 * avail if device == "cpu" else 2.0 * avail
+    C.MEMORY_LIMIT = dense_limit if not args.dry_run else float("inf")
 
     work = [(spec, dt, shape) for spec in specs for dt in dtypes for shape in _shapes(spec, regime, args.max_n)]
     total = len(work) * len(providers) * len(modes)
