@@ -191,8 +191,10 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_ba
                                         gn[i0:i0 + b], cl, cg, cgp, ccb, col_ref)
         torch.matmul(s, keys, out=dq[i0:i0 + b])      # (b, C) @ (C, D): dQ_blk = scale dS K
         dkeys.addmm_(s.T, qb)                          # (C, b) @ (b, D): dK += scale dS^T Q_blk
-    dbank = dkeys[m:].to(bank.dtype) if kb else None
-    return (dq.to(q.dtype), dkeys[:m].to(k.dtype), dbank, torch.tensor(dscale, dtype=torch.float32))
+    # with a bank, copy so that dk and dbank do not share storage (custom-op outputs must not alias)
+    dk = dkeys[:m].to(k.dtype, copy=bool(kb))
+    dbank = dkeys[m:].to(bank.dtype, copy=True) if kb else None
+    return dq.to(q.dtype), dk, dbank, torch.tensor(dscale, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- SigLIP
