@@ -375,7 +375,7 @@ def _specs() -> List[OpSpec]:
                 "cuda": [{"N": n, "D": 512} for n in (4096, 16384, 65536)]},
                {"N": 67, "D": 24}, "N", _infonce_flops, None, lambda s: _nn_bytes(s["N"], s["N"], 10)),
         OpSpec("info_nce/pml", "info_nce", "infonce_core", make_info_nce("pml"), R.info_nce_ref,
-               {"quick": [{"N": 256, "D": 64}, {"N": 1024, "D": 64}],
+               {"quick": [{"N": 128, "D": 64}, {"N": 1024, "D": 64}],
                 "cpu": [{"N": n, "D": 256} for n in (1024, 4096)],
                 "cuda": [{"N": n, "D": 512} for n in (4096, 16384, 32768)]},
                {"N": 67, "D": 24}, "N", _infonce_flops, None, lambda s: _nn_bytes(s["N"], s["N"], 12),

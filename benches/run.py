@@ -406,7 +406,7 @@ def main(argv=None):
                     call()                                   # warm-up: compiles, autotunes, caches
                     H.sync(device)
                     mem = H.measure_memory(call, device)
-                    t = H.time_fn(call, device, warmup=1 if device == "cpu" else 2, budget_s=budget,
+                    t = H.time_fn(call, device, warmup=0 if device == "cpu" else 2, budget_s=budget,
                                   max_reps=50 if device == "cpu" else 200)
                     row.update(status="ok", ms=t.ms, ms_min=t.ms_min, ms_q1=t.ms_q1, ms_q3=t.ms_q3, reps=t.reps,
                                peak_mib=mem.peak_mib)
