@@ -406,7 +406,7 @@ def _specs() -> List[OpSpec]:
                {"pml": peer_pml_ntxent_views}),
         OpSpec("dispersive_loss/huge_dim", "dispersive_loss", "dispersive_loss", make_dispersive,
                R.dispersive_loss_ref,
-               {"quick": [{"B": 64, "M": 32768}, {"B": 128, "M": 65536}],
+               {"quick": [{"B": 64, "M": 65536}, {"B": 128, "M": 65536}],
                 "cpu": [{"B": b, "M": 262144} for b in (64, 128, 256)],
                 "cuda": [{"B": b, "M": 294912} for b in (32, 64, 128, 256)]},
                {"B": 9, "M": 1000}, "B", _gram_flops, _dispersive_traffic,

@@ -23,11 +23,12 @@ case "${1:-}" in
     ROOT=$(cd "$(dirname "$0")/.." && pwd)
     W="$ROOT/benches/wheels"; mkdir -p "$W"
     PIP=${PIP:-"$ROOT/.venv/bin/pip"}
-    # pure-python or cp312 manylinux wheels; --no-deps: torch/triton/timm/numpy are already on the GPU machine
+    # pure-python or cp312 manylinux wheels; --no-deps: torch/triton/timm/numpy are already on the GPU machine.
+    # No torchvision: timm there already needs one matching its torch build, and a PyPI wheel built for another
+    # CUDA would make `import torchvision` (and so timm and open_clip) raise.
     "$PIP" download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$W" \
-      inf-cl==1.2.1 pytorch-metric-learning==2.9.0 open-clip-torch==3.3.0 torchvision==0.26.0 ftfy regex wcwidth \
-      tqdm || exit 1
+      inf-cl==1.2.1 pytorch-metric-learning==2.9.0 open-clip-torch==3.3.0 ftfy regex wcwidth tqdm || exit 1
     "$PIP" wheel --no-deps -w "$W" pykeops==2.3 keopscore==2.3 || exit 1   # sdists -> py3-none-any wheels
     ls -la "$W"; exit 0 ;;
 esac

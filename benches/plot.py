@@ -62,7 +62,7 @@ def plot_results(doc, path, mode_pref=("fwd+bwd", "fwd", "bwd")) -> Path:
         ax.axis("off")
     fig.suptitle(f"contrastgen bench: {meta.get('device_name')} ({meta.get('torch_threads')} threads), "
                  f"torch {meta['versions'].get('torch')}, {meta.get('timestamp', '')[:10]}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)

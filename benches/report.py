@@ -85,9 +85,13 @@ def format_table(doc) -> str:
         out.append(f"\n== {op}")
         if rows:
             out.append(_grid(header, rows))
+        by_reason = {}
         for p, why in skipped.items():
             if not any(row[3] == p for row in rows):
-                out.append(f"   skipped {p}: {why}")
+                why = "no implementation" if why == f"no {p} implementation of {op}" else why
+                by_reason.setdefault(why, []).append(p)
+        for why, provs in by_reason.items():
+            out.append(f"   skipped {', '.join(provs)}: {why}")
     return "\n".join(out)
 
 

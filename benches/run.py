@@ -32,10 +32,9 @@ from . import harness as H
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benches" / "results"
-QUICK_EXCLUDED = {
-    "compile": "not in --quick: torch.compile needs ~5-30 s per graph on CPU; add it with --providers",
-    "keops": "not in --quick: KeOps JIT-compiles ~15 s per formula on first use; add it with --providers",
-}
+# torch.compile needs ~5-30 s per graph on CPU and KeOps ~15 s per formula on first use: too slow for --quick.
+_JIT = "not in --quick (JIT compilation takes ~5-30 s per graph/formula); add with --providers all"
+QUICK_EXCLUDED = {"compile": _JIT, "keops": _JIT}
 
 
 # --------------------------------------------------------------------------- arguments
