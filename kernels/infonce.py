@@ -50,7 +50,8 @@ import triton.language as tl
 
 from ._aot import AotConfig
 
-NEG = -1.0e30  # the finite "-inf" of the contract (any value <= -1e30 means an empty set)
+NEG = tl.constexpr(-1.0e30)  # the finite "-inf" of the contract (any value <= -1e30 means an empty set);
+# a tl.constexpr global: plain module globals cannot be read inside @triton.jit (caught by the AOT test)
 
 
 def _interpreting() -> bool:
@@ -91,9 +92,9 @@ def _qk_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, D,
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
-        qa = tl.load(q_ptr + rows[:, None].to(tl.int64) * D + offs_d[None, :],
+        qa = tl.load(q_ptr + rows[:, None] * D + offs_d[None, :],
                      mask=rmask[:, None] & dmask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        ka = tl.load(k_ptr + cols[:, None].to(tl.int64) * D + offs_d[None, :],
+        ka = tl.load(k_ptr + cols[:, None] * D + offs_d[None, :],
                      mask=cmask[:, None] & dmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
         acc = _dot(qa, tl.trans(ka), acc, FP32_DOT, UPCAST)  # (BLOCK_N, BLOCK_D) x (BLOCK_D, BLOCK_M)
     return acc
@@ -143,14 +144,14 @@ def _accumulate_grads(ds, q_ptr, k_ptr, dq_ptr, dk_ptr, rows, cols, N, n_cols, D
         qmask = rmask[:, None] & dmask[None, :]
         kmask = cmask[:, None] & dmask[None, :]
         if DO_DQ:
-            kc = tl.load(k_ptr + cols[:, None].to(tl.int64) * D + offs_d[None, :], mask=kmask, other=0.0)
-            dq_ptrs = dq_ptr + rows[:, None].to(tl.int64) * D + offs_d[None, :]
+            kc = tl.load(k_ptr + cols[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
+            dq_ptrs = dq_ptr + rows[:, None] * D + offs_d[None, :]
             dq = tl.load(dq_ptrs, mask=qmask, other=0.0)
             dq = _dot(ds_lo, kc, dq, FP32_DOT, UPCAST)  # (BLOCK_N, BLOCK_M) x (BLOCK_M, BLOCK_D)
             tl.store(dq_ptrs, dq, mask=qmask)
         if DO_DK:
-            qc = tl.load(q_ptr + rows[:, None].to(tl.int64) * D + offs_d[None, :], mask=qmask, other=0.0)
-            dk_ptrs = dk_ptr + cols[:, None].to(tl.int64) * D + offs_d[None, :]
+            qc = tl.load(q_ptr + rows[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+            dk_ptrs = dk_ptr + cols[:, None] * D + offs_d[None, :]
             zero = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
             if DK_ATOMIC:
                 dk = _dot(tl.trans(ds_lo), qc, zero, FP32_DOT, UPCAST)  # (BLOCK_M, BLOCK_N) x (BLOCK_N, BLOCK_D)
@@ -213,7 +214,7 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, bank_ptr, scale_ptr, ql_ptr, kl_ptr,
         p = tl.exp(tl.where(valid, s - m_new[:, None], NEG))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(p, 1)
         m_i = m_new
-    lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-38)), NEG)
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), NEG)
     if pml != 0:
         loss = tl.zeros((BLOCK_N,), tl.float32)
         for c0 in range(0, M, BLOCK_M):
@@ -248,7 +249,7 @@ def _infonce_col_reduce_kernel(col_part_ptr, col_loss_ptr, col_stats_ptr, M, R, 
         m = m_new
         ps += tl.load(part + 2 * M, mask=cmask, other=0.0)
         npos += tl.load(part + 3 * M, mask=cmask, other=0.0)
-    lse = tl.where(l > 0, m + tl.log(tl.maximum(l, 1e-38)), NEG)
+    lse = tl.where(l > 0, m + tl.log(tl.maximum(l, 1e-30)), NEG)
     loss = tl.where(npos > 0, lse - ps / tl.maximum(npos, 1.0), 0.0)
     tl.store(col_loss_ptr + cols, loss, mask=cmask)
     tl.store(col_stats_ptr + 2 * cols, lse, mask=cmask)
@@ -440,12 +441,15 @@ def _siglip_bwd_dk_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, g_row_ptr, dk_ptr, 
 
 
 # ----------------------------------------------------------------------------------------------- configs
-# (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages); the first entry is the fixed default on GPU.
-FWD_CONFIGS = [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3)]
-BWD_CONFIGS = [(64, 64, 64, 4, 2), (128, 64, 32, 8, 2)]
+# (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages) per input precision ("fp32" uses 3-pass tf32 dots, which
+# need more registers); the first entry is the fixed default on GPU.  Every entry compiles for sm_80 and
+# sm_90a without register spills (tests/test_aot_compile.py).
+FWD_CONFIGS = {"16bit": [(128, 64, 64, 8, 3), (64, 64, 64, 8, 3)], "fp32": [(64, 32, 32, 4, 3), (32, 64, 32, 4, 3)]}
+BWD_CONFIGS = {"16bit": [(64, 64, 64, 8, 2), (128, 64, 32, 8, 2)], "fp32": [(32, 32, 32, 4, 2), (32, 64, 32, 8, 2)]}
+PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "16bit", torch.float16: "16bit"}
 COL_REDUCE_BLOCK = 256
 INTERPRET_TILE = (64, 64, 64)  # few, large tiles keep the interpreter fast
-_MIN_BLOCK_N = min(c[0] for c in FWD_CONFIGS + BWD_CONFIGS + [INTERPRET_TILE])
+_MIN_BLOCK_N = min(c[0] for cfgs in (*FWD_CONFIGS.values(), *BWD_CONFIGS.values(), [INTERPRET_TILE]) for c in cfgs)
 
 
 def _tconfigs(cfgs):
@@ -454,16 +458,18 @@ def _tconfigs(cfgs):
 
 
 _KEY = ["N", "M", "D"]
-_tuned = {
-    "infonce_fwd": triton.autotune(_tconfigs(FWD_CONFIGS), key=["N", "M", "K", "D"])(_infonce_fwd_kernel),
-    "infonce_bwd": triton.autotune(_tconfigs(BWD_CONFIGS), key=["N", "M", "K", "D"],
-                                   reset_to_zero=["dq_ptr", "dk_ptr", "dbank_ptr"])(_infonce_bwd_kernel),
-    "siglip_fwd": triton.autotune(_tconfigs(FWD_CONFIGS), key=_KEY)(_siglip_fwd_kernel),
-    "siglip_bwd": triton.autotune(_tconfigs(BWD_CONFIGS), key=_KEY,
-                                  reset_to_zero=["dq_ptr", "dk_ptr"])(_siglip_bwd_kernel),
-}
+_tuned = {}
+for _p in ("16bit", "fp32"):
+    _tuned.update({
+        ("infonce_fwd", _p): triton.autotune(_tconfigs(FWD_CONFIGS[_p]), key=["N", "M", "K", "D"])(_infonce_fwd_kernel),
+        ("infonce_bwd", _p): triton.autotune(_tconfigs(BWD_CONFIGS[_p]), key=["N", "M", "K", "D"],
+                                             reset_to_zero=["dq_ptr", "dk_ptr", "dbank_ptr"])(_infonce_bwd_kernel),
+        ("siglip_fwd", _p): triton.autotune(_tconfigs(FWD_CONFIGS[_p]), key=_KEY)(_siglip_fwd_kernel),
+        ("siglip_bwd", _p): triton.autotune(_tconfigs(BWD_CONFIGS[_p]), key=_KEY,
+                                            reset_to_zero=["dq_ptr", "dk_ptr"])(_siglip_bwd_kernel),
+    })
 _plain = {"infonce_fwd": (_infonce_fwd_kernel, FWD_CONFIGS), "infonce_bwd": (_infonce_bwd_kernel, BWD_CONFIGS),
-          "infonce_pml_coef": (_infonce_pml_coef_kernel, BWD_CONFIGS[:1]), "siglip_fwd": (_siglip_fwd_kernel, FWD_CONFIGS),
+          "infonce_pml_coef": (_infonce_pml_coef_kernel, BWD_CONFIGS), "siglip_fwd": (_siglip_fwd_kernel, FWD_CONFIGS),
           "siglip_bwd": (_siglip_bwd_kernel, BWD_CONFIGS)}
 
 
@@ -473,8 +479,9 @@ def _block_d(D: int, bd: int) -> int:
 
 def _launch(name, n_rows, D, deterministic, args, **const):
     """Launch kernel ``name`` over row blocks: autotuned, or the fixed default (interpreter/deterministic)."""
-    if _autotuning(deterministic) and name in _tuned:
-        tuner = _tuned[name]
+    prec = "fp32" if const["FP32_DOT"] else "16bit"
+    if _autotuning(deterministic) and (name, prec) in _tuned:
+        tuner = _tuned[(name, prec)]
         tuner[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]),)](*args, **const)
         return tuner.best_config.kwargs["BLOCK_N"]
     kernel, cfgs = _plain[name]
@@ -482,21 +489,27 @@ def _launch(name, n_rows, D, deterministic, args, **const):
         bn, bm, bd, w, s = (*INTERPRET_TILE, 4, 1)
         bd = _block_d(D, bd)
     else:
-        bn, bm, bd, w, s = cfgs[0]
+        bn, bm, bd, w, s = cfgs[prec][0]
     kernel[(triton.cdiv(n_rows, bn),)](*args, BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=s, **const)
     return bn
 
 
-def _dk_tiles(D):
+def _dk_tiles(D, flags):
     if _interpreting():
         return INTERPRET_TILE[0], INTERPRET_TILE[1], _block_d(D, INTERPRET_TILE[2]), 4, 1
-    return BWD_CONFIGS[0]
+    return BWD_CONFIGS["fp32" if flags["FP32_DOT"] else "16bit"][0]
 
 
 def _dtype_flags(t: torch.Tensor):
     if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"the Triton kernels take float32, bfloat16 or float16 inputs, got {t.dtype}")
     return {"FP32_DOT": t.dtype == torch.float32, "UPCAST": _interpreting()}
+
+
+def _check_int32_offsets(d, *rows):
+    """Tile offsets are int32 (64-bit offsets per element doubled the register use and spilled)."""
+    if max(rows) * d >= 2 ** 31:
+        raise ValueError(f"the Triton kernels use 32-bit offsets: rows x D must stay below 2**31, got {max(rows)} x {d}")
 
 
 def _kernel_input(t):
@@ -529,6 +542,7 @@ def infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_ne
     m = k.shape[0]
     kb = 0 if bank is None else bank.shape[0]
     bank_t = _kernel_input(bank) if kb else q
+    _check_int32_offsets(d, n, m, kb)
     flags = _dtype_flags(q)
     ql, kl, has_labels = _labels(q_labels, k_labels, q)
     dev = q.device
@@ -563,6 +577,7 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_ne
     m = k.shape[0]
     kb = 0 if bank is None else bank.shape[0]
     bank_t = _kernel_input(bank) if kb else q
+    _check_int32_offsets(d, n, m, kb)
     flags = _dtype_flags(q)
     ql, kl, has_labels = _labels(q_labels, k_labels, q)
     dev = q.device
@@ -590,7 +605,7 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_ne
              n, m, kb, d, has_labels, ex, ibn, int(bool(pml)), int(bool(symmetric))),
             DK_ATOMIC=not det, **flags)
     if det:
-        bn, bm, bd, w, s = _dk_tiles(d)
+        bn, bm, bd, w, s = _dk_tiles(d, flags)
         for keys, dkeys, ncols, is_bank in ((k, dk, m, False), (bank_t, dbank, kb, True)):
             if ncols == 0:
                 continue
@@ -608,6 +623,7 @@ def siglip_fwd(q, k, scale, bias):
     q, k = _kernel_input(q), _kernel_input(k)
     n, d = q.shape
     m = k.shape[0]
+    _check_int32_offsets(d, n, m)
     row_loss = torch.empty(n, dtype=torch.float32, device=q.device)
     _launch("siglip_fwd", n, d, None, (q, k, _scalar(scale, q), _scalar(bias, q), row_loss, n, m, d),
             **_dtype_flags(q))
@@ -621,6 +637,7 @@ def siglip_bwd(q, k, scale, bias, g_row, deterministic=None):
     q, k = _kernel_input(q), _kernel_input(k)
     n, d = q.shape
     m = k.shape[0]
+    _check_int32_offsets(d, n, m)
     flags = _dtype_flags(q)
     sc, b = _scalar(scale, q), _scalar(bias, q)
     g_row = g_row.to(torch.float32).contiguous()
@@ -632,7 +649,7 @@ def siglip_bwd(q, k, scale, bias, g_row, deterministic=None):
     _launch("siglip_bwd", n, d, det, (q, k, sc, b, g_row, dq, dk, dscale_part, dbias_part, n, m, d),
             DK_ATOMIC=not det, **flags)
     if det:
-        bn, bm, bd, w, s = _dk_tiles(d)
+        bn, bm, bd, w, s = _dk_tiles(d, flags)
         _siglip_bwd_dk_kernel[(triton.cdiv(m, bm),)](q, k, sc, b, g_row, dk, n, m, d, BLOCK_N=bn, BLOCK_M=bm,
                                                      BLOCK_D=bd, num_warps=w, num_stages=s, **flags)
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dscale_part.sum(), dbias_part.sum()
@@ -658,11 +675,12 @@ def _aot_configs():
         types = {**ptr_in, **f32p, "ql_ptr": "*i64", "kl_ptr": "*i64"}
         base = {"FP32_DOT": fp32, "UPCAST": False}
         jobs = []
-        for bn, bm, bd, w, s in FWD_CONFIGS:
+        prec = "fp32" if fp32 else "16bit"
+        for bn, bm, bd, w, s in FWD_CONFIGS[prec]:
             tile = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_D": bd}
             jobs.append((_infonce_fwd_kernel, tile, w, s))
             jobs.append((_siglip_fwd_kernel, tile, w, s))
-        for i, (bn, bm, bd, w, s) in enumerate(BWD_CONFIGS):
+        for i, (bn, bm, bd, w, s) in enumerate(BWD_CONFIGS[prec]):
             tile = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_D": bd}
             for atomic in ((True, False) if i == 0 else (True,)):  # deterministic mode uses the default tile
                 jobs.append((_infonce_bwd_kernel, {"DK_ATOMIC": atomic, **tile}, w, s))
