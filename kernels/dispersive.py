@@ -195,31 +195,25 @@ def _stream_wz_kernel(w_ptr, z_ptr, dz_ptr, mean_ptr, rstd_ptr, dg_ptr, B, M, st
 
 # ----------------------------------------------------------------------------------------- many-samples regime
 @triton.jit
-def _pair_tile(x_ptr, offs_i, offs_j, mi, mj, D, stride_xn, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+def _pair_dots(x_ptr, offs_i, offs_j, mi, mj, D, stride_xn, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """(dot_ij, s_i, s_j) for one (BLOCK_N, BLOCK_N) tile, reducing over D in BLOCK_D chunks."""
+    """dot_ij = x_i . x_j for one (BLOCK_N, BLOCK_N) tile, reducing over D in BLOCK_D chunks."""
     dot = tl.zeros((BLOCK_N, BLOCK_N), dtype=ACC)
-    si = tl.zeros((BLOCK_N,), dtype=ACC)
-    sj = tl.zeros((BLOCK_N,), dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         md = offs_d < D
         xi = tl.load(x_ptr + offs_i[:, None] * stride_xn + offs_d[None, :], mask=mi[:, None] & md[None, :], other=0.0)
         xj = tl.load(x_ptr + offs_j[:, None] * stride_xn + offs_d[None, :], mask=mj[:, None] & md[None, :], other=0.0)
-        xi32 = xi.to(ACC)
-        xj32 = xj.to(ACC)
-        si += tl.sum(xi32 * xi32, 1)
-        sj += tl.sum(xj32 * xj32, 1)
         if UPCAST:
-            xi = xi32.to(tl.float32)
-            xj = xj32.to(tl.float32)
+            xi = xi.to(tl.float32)
+            xj = xj.to(tl.float32)
         # (BLOCK_N, BLOCK_D) @ (BLOCK_D, BLOCK_N) -> (BLOCK_N, BLOCK_N)
         dot = tl.dot(xi, tl.trans(xj), dot, input_precision=PREC, out_dtype=ACC)
-    return dot, si, sj
+    return dot
 
 
 @triton.jit
-def _pairs_fwd_kernel(x_ptr, out_ptr, N, D, stride_xg, stride_xn, alpha, margin,
+def _pairs_fwd_kernel(x_ptr, sq_ptr, out_ptr, N, D, stride_xg, stride_xn, alpha, margin,
                       MODE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Per row i of one (row block, group): MODE 0/1 logsumexp_j logit_ij (online max / sum); MODE 2 sum_j h_ij."""
@@ -229,12 +223,14 @@ def _pairs_fwd_kernel(x_ptr, out_ptr, N, D, stride_xg, stride_xn, alpha, margin,
     xg = x_ptr + g.to(tl.int64) * stride_xg
     offs_i = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mi = offs_i < N
+    si = tl.load(sq_ptr + g * N + offs_i, mask=mi, other=0.0)
     m_run = tl.full((BLOCK_N,), -float("inf"), dtype=ACC)
     l_run = tl.zeros((BLOCK_N,), dtype=ACC)
     for j0 in range(0, N, BLOCK_N):
         offs_j = j0 + tl.arange(0, BLOCK_N)
         mj = offs_j < N
-        dot, si, sj = _pair_tile(xg, offs_i, offs_j, mi, mj, D, stride_xn, ACC, BLOCK_N, BLOCK_D, UPCAST, PREC)
+        dot = _pair_dots(xg, offs_i, offs_j, mi, mj, D, stride_xn, ACC, BLOCK_N, BLOCK_D, UPCAST, PREC)
+        sj = tl.load(sq_ptr + g * N + offs_j, mask=mj, other=0.0)
         valid = mi[:, None] & mj[None, :]
         if EXCLUDE_DIAG:
             valid = valid & (offs_i[:, None] != offs_j[None, :])
@@ -260,7 +256,7 @@ def _pairs_fwd_kernel(x_ptr, out_ptr, N, D, stride_xg, stride_xn, alpha, margin,
 
 
 @triton.jit
-def _pairs_bwd_kernel(x_ptr, dx_ptr, lse_ptr, gout_ptr, N, D, stride_xg, stride_xn, alpha, margin, hscale,
+def _pairs_bwd_kernel(x_ptr, sq_ptr, dx_ptr, lse_ptr, gout_ptr, N, D, stride_xg, stride_xn, alpha, margin, hscale,
                       MODE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr, PREC_X: tl.constexpr,
                       PREC: tl.constexpr):
@@ -281,10 +277,12 @@ def _pairs_bwd_kernel(x_ptr, dx_ptr, lse_ptr, gout_ptr, N, D, stride_xg, stride_
     lse = tl.load(lse_ptr + g).to(ACC)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
     rows = tl.zeros((BLOCK_N,), dtype=ACC)
+    si = tl.load(sq_ptr + g * N + offs_i, mask=mi, other=0.0)
     for j0 in range(0, N, BLOCK_N):
         offs_j = j0 + tl.arange(0, BLOCK_N)
         mj = offs_j < N
-        dot, si, sj = _pair_tile(xg, offs_i, offs_j, mi, mj, D, stride_xn, ACC, BLOCK_N, BLOCK_D, UPCAST, PREC_X)
+        dot = _pair_dots(xg, offs_i, offs_j, mi, mj, D, stride_xn, ACC, BLOCK_N, BLOCK_D, UPCAST, PREC_X)
+        sj = tl.load(sq_ptr + g * N + offs_j, mask=mj, other=0.0)
         valid = mi[:, None] & mj[None, :]
         if EXCLUDE_DIAG:
             valid = valid & (offs_i[:, None] != offs_j[None, :])
@@ -317,7 +315,55 @@ def _pairs_bwd_kernel(x_ptr, dx_ptr, lse_ptr, gout_ptr, N, D, stride_xg, stride_
 
 
 # --------------------------------------------------------------------------------------------------- launchers
-_TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# GPU launch configurations, shared by the launchers and AOT_CONFIGS (so every shipped config is AOT-checked).
+# Chosen 2026-11-24 as the largest tiles that compile with zero register spills for both sm_80 and sm_90a
+# (tf32x3 splits each fp32 operand in two, which is what bounds the tiles).  Keys: (kernel, "fp32" | "16",
+# flags...) -> (constexprs, num_warps, num_stages).
+_CFG = {
+    ("gram", "fp32", False): (dict(BLOCK_B=64, BLOCK_K=16, PREC="tf32x3"), 4, 3),
+    ("gram", "fp32", True): (dict(BLOCK_B=64, BLOCK_K=32, PREC="tf32x3"), 8, 3),       # normalised (covariance)
+    ("gram", "16", False): (dict(BLOCK_B=64, BLOCK_K=32, PREC="ieee"), 8, 3),          # bf16 / fp16 tensor cores
+    ("gram", "16", True): (dict(BLOCK_B=64, BLOCK_K=16, PREC="tf32x3"), 4, 3),
+    ("wz", "fp32", False): (dict(BLOCK_B=32, BLOCK_K=128, PREC="tf32x3"), 8, 2),
+    ("wz", "fp32", True): (dict(BLOCK_B=32, BLOCK_K=128, PREC="tf32x3"), 8, 2),
+    ("wz", "16", False): (dict(BLOCK_B=32, BLOCK_K=128, PREC="tf32x3"), 8, 2),
+    ("wz", "16", True): (dict(BLOCK_B=32, BLOCK_K=128, PREC="tf32x3"), 8, 2),
+    ("colstats", "fp32"): (dict(BLOCK_B=32, BLOCK_K=64), 4, 2),
+    ("colstats", "16"): (dict(BLOCK_B=32, BLOCK_K=64), 4, 2),
+    ("pf", "fp32", 0): (dict(BLOCK_N=64, BLOCK_D=16, PREC="tf32x3"), 8, 2),
+    ("pf", "fp32", 1): (dict(BLOCK_N=64, BLOCK_D=16, PREC="tf32x3"), 4, 2),
+    ("pf", "fp32", 2): (dict(BLOCK_N=64, BLOCK_D=16, PREC="tf32x3"), 8, 2),
+    ("pf", "16", 0): (dict(BLOCK_N=64, BLOCK_D=32, PREC="ieee"), 8, 2),
+    ("pf", "16", 1): (dict(BLOCK_N=64, BLOCK_D=32, PREC="ieee"), 8, 2),
+    ("pf", "16", 2): (dict(BLOCK_N=64, BLOCK_D=32, PREC="ieee"), 8, 2),
+    ("pb", "fp32", 0): (dict(BLOCK_N=32, BLOCK_D=32, BLOCK_DO=32, PREC_X="tf32x3", PREC="ieee"), 4, 2),
+    ("pb", "fp32", 1): (dict(BLOCK_N=64, BLOCK_D=16, BLOCK_DO=16, PREC_X="tf32x3", PREC="tf32x3"), 4, 2),
+    ("pb", "fp32", 2): (dict(BLOCK_N=32, BLOCK_D=32, BLOCK_DO=32, PREC_X="tf32x3", PREC="ieee"), 4, 2),
+    ("pb", "16", 0): (dict(BLOCK_N=64, BLOCK_D=16, BLOCK_DO=16, PREC_X="ieee", PREC="tf32x3"), 4, 2),
+    ("pb", "16", 1): (dict(BLOCK_N=64, BLOCK_D=32, BLOCK_DO=32, PREC_X="ieee", PREC="tf32x3"), 8, 2),
+    ("pb", "16", 2): (dict(BLOCK_N=64, BLOCK_D=16, BLOCK_DO=16, PREC_X="ieee", PREC="tf32x3"), 4, 2),
+}
+
+
+def _cls(dtype) -> str:
+    return "16" if dtype in (torch.bfloat16, torch.float16) else "fp32"
+
+
+def _config(key, dtype, interp: dict):
+    """(constexprs, num_warps, num_stages): the interpreter gets few, large tiles (its time grows with the
+    number of tiles); float64 (gradcheck) runs the fp32 tiles with ieee products."""
+    if _INTERPRET:
+        cx = dict(interp)
+        warps, stages = 4, 2
+    else:
+        cx, warps, stages = _CFG[(key[0], _cls(dtype)) + tuple(key[1:])]
+        cx = dict(cx)
+    if dtype == torch.float64:
+        cx.update({k: "ieee" for k in ("PREC", "PREC_X") if k in cx})
+    else:
+        for k in ("PREC", "PREC_X"):
+            cx.setdefault(k, interp.get(k))
+    return cx, warps, stages
 
 
 def _acc_torch(dtype):
@@ -343,10 +389,8 @@ def _num_sms(device) -> int:
     return 4
 
 
-def _gram_blocks(b: int):
-    if _INTERPRET:
-        return max(16, min(64, triton.next_power_of_2(b))), 64, 4
-    return (64, 64, 4) if b <= 64 else (128, 32, 8)
+def _interp_block(n: int, lo: int = 16, hi: int = 64) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
 def gram(z: torch.Tensor, *, normalize: tuple | None = None, splits: int | None = None,
@@ -358,7 +402,10 @@ def gram(z: torch.Tensor, *, normalize: tuple | None = None, splits: int | None 
     z = _rowmajor(z)
     G, B, M = z.shape
     acc_t = _acc_torch(z.dtype)
-    BB, BK, warps = _gram_blocks(B)
+    norm = normalize is not None
+    cx, warps, stages = _config(("gram", norm), z.dtype, dict(BLOCK_B=_interp_block(B), BLOCK_K=64,
+                                                               PREC=_prec(acc_t if norm else z.dtype)))
+    BB, BK = cx["BLOCK_B"], cx["BLOCK_K"]
     T = triton.cdiv(B, BB)
     n_tri = T * (T + 1) // 2
     if splits is None:
@@ -370,12 +417,10 @@ def gram(z: torch.Tensor, *, normalize: tuple | None = None, splits: int | None 
         out = torch.zeros((G, splits, B, B), device=z.device, dtype=acc_t)
     else:
         out = torch.zeros((G, B, B), device=z.device, dtype=acc_t)
-    mean, rstd = (t.to(acc_t).contiguous() for t in normalize) if normalize is not None else (out, out)
+    mean, rstd = (t.to(acc_t).contiguous() for t in normalize) if norm else (out, out)
     _gram_partial_kernel[(T * T, splits, G)](
-        z, out, mean, rstd, B, M, z.stride(0), z.stride(1), k_per, T,
-        NORMALIZE=normalize is not None, USE_ATOMIC=not deterministic, 
-        BLOCK_B=BB, BLOCK_K=BK, UPCAST=_upcast(z.dtype),
-        PREC=_prec(acc_t if normalize is not None else z.dtype), num_warps=warps, num_stages=3)
+        z, out, mean, rstd, B, M, z.stride(0), z.stride(1), k_per, T, NORMALIZE=norm, USE_ATOMIC=not deterministic,
+        UPCAST=_upcast(z.dtype), **cx, num_warps=warps, num_stages=stages)
     upper = out.sum(1) if deterministic else out
     t = torch.arange(B, device=z.device) // BB
     written = t[:, None] <= t[None, :]
@@ -389,10 +434,10 @@ def colstats(z: torch.Tensor, eps: float):
     acc_t = _acc_torch(z.dtype)
     mean = torch.empty((G, M), device=z.device, dtype=acc_t)
     rstd = torch.empty((G, M), device=z.device, dtype=acc_t)
-    BK = 128 if _INTERPRET else 64
-    BB = 64 if _INTERPRET else 32
-    _colstats_kernel[(triton.cdiv(M, BK), G)](z, mean, rstd, B, M, z.stride(0), z.stride(1), eps,
-                                              BLOCK_B=BB, BLOCK_K=BK, num_warps=4)
+    cx, warps, stages = _config(("colstats",), z.dtype, dict(BLOCK_B=64, BLOCK_K=128))
+    cx = {k: v for k, v in cx.items() if k in ("BLOCK_B", "BLOCK_K")}
+    _colstats_kernel[(triton.cdiv(M, cx["BLOCK_K"]), G)](z, mean, rstd, B, M, z.stride(0), z.stride(1), eps, **cx,
+                                                         num_warps=warps, num_stages=stages)
     return mean, rstd
 
 
@@ -402,26 +447,25 @@ def stream_wz(w: torch.Tensor, z: torch.Tensor, *, cov: tuple | None = None, eps
     cov=(mean, rstd, dg): batch-normalise Z on the fly, add dg[g] c_m Zn and apply the batch-norm backward."""
     z = _rowmajor(z)
     G, B, M = z.shape
-    w = w.to(_acc_torch(z.dtype)).contiguous()
+    acc_t = _acc_torch(z.dtype)
+    w = w.to(acc_t).contiguous()
     dz = torch.empty((G, B, M), device=z.device, dtype=z.dtype)
-    if _INTERPRET:
-        BB, BK, warps = max(16, min(64, triton.next_power_of_2(B))), 64, 4
-    else:
-        BB, BK, warps = (64, 64, 4) if B <= 64 else (64, 128, 8)
+    cx, warps, stages = _config(("wz", cov is not None), z.dtype,
+                                dict(BLOCK_B=_interp_block(B), BLOCK_K=64, PREC=_prec(acc_t)))
     if cov is None:
         mean = rstd = dg = w
     else:
-        mean, rstd, dg = (t.to(w.dtype).contiguous() for t in cov)
-    _stream_wz_kernel[(triton.cdiv(M, BK), G)](
-        w, z, dz, mean, rstd, dg, B, M, z.stride(0), z.stride(1), eps, COV=cov is not None, 
-        BLOCK_B=BB, BLOCK_K=BK, UPCAST=_upcast(z.dtype), PREC=_prec(w.dtype), num_warps=warps, num_stages=2)
+        mean, rstd, dg = (t.to(acc_t).contiguous() for t in cov)
+    _stream_wz_kernel[(triton.cdiv(M, cx["BLOCK_K"]), G)](
+        w, z, dz, mean, rstd, dg, B, M, z.stride(0), z.stride(1), eps, COV=cov is not None, UPCAST=_upcast(z.dtype),
+        **cx, num_warps=warps, num_stages=stages)
     return dz
 
 
-def _pair_blocks(n: int, d: int):
-    if _INTERPRET:
-        return max(16, min(64, triton.next_power_of_2(n))), max(16, min(128, triton.next_power_of_2(d))), 4
-    return 64, (64 if d >= 64 else max(16, triton.next_power_of_2(d))), 4
+def _row_sq(x: torch.Tensor) -> torch.Tensor:
+    """Squared row norms (G, N) in the accumulation dtype (one extra read of X: O(N M), negligible here)."""
+    xa = x.to(_acc_torch(x.dtype))
+    return (xa * xa).sum(-1).contiguous()
 
 
 def pairs_fwd(x: torch.Tensor, mode: int, alpha: float, margin: float = 0.0, exclude_diag: bool = False) -> torch.Tensor:
@@ -429,11 +473,11 @@ def pairs_fwd(x: torch.Tensor, mode: int, alpha: float, margin: float = 0.0, exc
     x = _rowmajor(x)
     G, N, D = x.shape
     out = torch.empty((G, N), device=x.device, dtype=_acc_torch(x.dtype))
-    BN, BD, warps = _pair_blocks(N, D)
-    _pairs_fwd_kernel[(triton.cdiv(N, BN), G)](
-        x, out, N, D, x.stride(0), x.stride(1), float(alpha), float(margin), MODE=mode, EXCLUDE_DIAG=exclude_diag,
-        BLOCK_N=BN, BLOCK_D=BD, UPCAST=_upcast(x.dtype), PREC=_prec(x.dtype), num_warps=warps,
-        num_stages=2)
+    cx, warps, stages = _config(("pf", mode), x.dtype, dict(BLOCK_N=_interp_block(N), BLOCK_D=_interp_block(D, 16, 128),
+                                                             PREC=_prec(x.dtype)))
+    _pairs_fwd_kernel[(triton.cdiv(N, cx["BLOCK_N"]), G)](
+        x, _row_sq(x), out, N, D, x.stride(0), x.stride(1), float(alpha), float(margin), MODE=mode,
+        EXCLUDE_DIAG=exclude_diag, UPCAST=_upcast(x.dtype), **cx, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -444,71 +488,72 @@ def pairs_bwd(x: torch.Tensor, lse: torch.Tensor, gout: torch.Tensor, mode: int,
     G, N, D = x.shape
     acc_t = _acc_torch(x.dtype)
     dx = torch.empty((G, N, D), device=x.device, dtype=x.dtype)
-    BN, BD, warps = _pair_blocks(N, D)
-    BDO = BD if _INTERPRET else min(64, BD)
-    _pairs_bwd_kernel[(triton.cdiv(N, BN), triton.cdiv(D, BDO), G)](
-        x, dx, lse.to(acc_t).contiguous(), gout.to(acc_t).contiguous(), N, D, x.stride(0), x.stride(1), float(alpha),
-        float(margin), float(hscale), MODE=mode, EXCLUDE_DIAG=exclude_diag, BLOCK_N=BN,
-        BLOCK_D=BD, BLOCK_DO=BDO, UPCAST=_upcast(x.dtype), PREC_X=_prec(x.dtype), PREC=_prec(acc_t), num_warps=warps,
-        num_stages=2)
+    bd = _interp_block(D, 16, 128)
+    cx, warps, stages = _config(("pb", mode), x.dtype, dict(BLOCK_N=_interp_block(N), BLOCK_D=bd, BLOCK_DO=bd,
+                                                             PREC_X=_prec(x.dtype), PREC=_prec(acc_t)))
+    _pairs_bwd_kernel[(triton.cdiv(N, cx["BLOCK_N"]), triton.cdiv(D, cx["BLOCK_DO"]), G)](
+        x, _row_sq(x), dx, lse.to(acc_t).contiguous(), gout.to(acc_t).contiguous(), N, D, x.stride(0), x.stride(1),
+        float(alpha), float(margin), float(hscale), MODE=mode, EXCLUDE_DIAG=exclude_diag, UPCAST=_upcast(x.dtype),
+        **cx, num_warps=warps, num_stages=stages)
     return dx
 
 
 # ------------------------------------------------------------------------------------------ AOT configurations
 def _aot_configs():
+    """One AotConfig per launchable GPU configuration: every _CFG entry x input dtype x the flags that are
+    compile-time constants (atomic / deterministic Gram, diagonal excluded or not)."""
     mod = "contrastgen.kernels.dispersive"
     cfgs = []
     for dt in ("fp32", "bf16", "fp16"):
-        prec = "tf32x3" if dt == "fp32" else "ieee"
-        for normalize in (False, True):
-            for BB, BK, w in ((64, 64, 4), (128, 32, 8)):
-                cfgs.append(AotConfig(
-                    kernel=f"{mod}:_gram_partial_kernel",
-                    signature={"z_ptr": f"*{dt}", "out_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-                               "B": "i32", "M": "i32", "stride_zg": "i64", "stride_zb": "i32", "k_per_split": "i32",
-                               "n_tiles": "i32", "NORMALIZE": "constexpr", "USE_ATOMIC": "constexpr",
-                               "BLOCK_B": "constexpr", "BLOCK_K": "constexpr", "UPCAST": "constexpr", "PREC": "constexpr"},
-                    constexprs={"NORMALIZE": normalize, "USE_ATOMIC": False, "BLOCK_B": BB,
-                                "BLOCK_K": BK, "UPCAST": False, "PREC": "tf32x3" if normalize else prec},
-                    num_warps=w, num_stages=3))
+        cls = "fp32" if dt == "fp32" else "16"
+        for normalize, atomic in ((False, False), (True, False), (False, True), (True, True)):
+            cx, w, st = _CFG[("gram", cls, normalize)]
+            cfgs.append(AotConfig(
+                kernel=f"{mod}:_gram_partial_kernel",
+                signature={"z_ptr": f"*{dt}", "out_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                           "B": "i32", "M": "i32", "stride_zg": "i64", "stride_zb": "i32", "k_per_split": "i32",
+                           "n_tiles": "i32", "NORMALIZE": "constexpr", "USE_ATOMIC": "constexpr",
+                           "BLOCK_B": "constexpr", "BLOCK_K": "constexpr", "UPCAST": "constexpr", "PREC": "constexpr"},
+                constexprs={"NORMALIZE": normalize, "USE_ATOMIC": atomic, **cx, "UPCAST": False},
+                num_warps=w, num_stages=st))
+        cx, w, st = _CFG[("colstats", cls)]
         cfgs.append(AotConfig(
             kernel=f"{mod}:_colstats_kernel",
             signature={"z_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "B": "i32", "M": "i32",
-                       "stride_zg": "i64", "stride_zb": "i32", "eps": "fp32",
-                       "BLOCK_B": "constexpr", "BLOCK_K": "constexpr"},
-            constexprs={"BLOCK_B": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2))
+                       "stride_zg": "i64", "stride_zb": "i32", "eps": "fp32", "BLOCK_B": "constexpr",
+                       "BLOCK_K": "constexpr"},
+            constexprs=dict(cx), num_warps=w, num_stages=st))
         for cov in (False, True):
-            for BB, BK, w in ((64, 64, 4), (64, 128, 8)):
-                cfgs.append(AotConfig(
-                    kernel=f"{mod}:_stream_wz_kernel",
-                    signature={"w_ptr": "*fp32", "z_ptr": f"*{dt}", "dz_ptr": f"*{dt}", "mean_ptr": "*fp32",
-                               "rstd_ptr": "*fp32", "dg_ptr": "*fp32", "B": "i32", "M": "i32", "stride_zg": "i64",
-                               "stride_zb": "i32", "eps": "fp32", "COV": "constexpr",
-                               "BLOCK_B": "constexpr", "BLOCK_K": "constexpr", "UPCAST": "constexpr",
-                               "PREC": "constexpr"},
-                    constexprs={"COV": cov, "BLOCK_B": BB, "BLOCK_K": BK, "UPCAST": False,
-                                "PREC": "tf32x3"},
-                    num_warps=w, num_stages=2))
+            cx, w, st = _CFG[("wz", cls, cov)]
+            cfgs.append(AotConfig(
+                kernel=f"{mod}:_stream_wz_kernel",
+                signature={"w_ptr": "*fp32", "z_ptr": f"*{dt}", "dz_ptr": f"*{dt}", "mean_ptr": "*fp32",
+                           "rstd_ptr": "*fp32", "dg_ptr": "*fp32", "B": "i32", "M": "i32", "stride_zg": "i64",
+                           "stride_zb": "i32", "eps": "fp32", "COV": "constexpr", "BLOCK_B": "constexpr",
+                           "BLOCK_K": "constexpr", "UPCAST": "constexpr", "PREC": "constexpr"},
+                constexprs={"COV": cov, **cx, "UPCAST": False}, num_warps=w, num_stages=st))
         for mode in (MODE_L2, MODE_DOT, MODE_HINGE):
             for excl in ((False, True) if mode == MODE_L2 else (False,)):
-                for BD in (64, 32):
-                    common = {"MODE": mode, "EXCLUDE_DIAG": excl, "BLOCK_N": 64, "BLOCK_D": BD,
-                              "UPCAST": False, "PREC": prec}
-                    cfgs.append(AotConfig(
-                        kernel=f"{mod}:_pairs_fwd_kernel",
-                        signature={"x_ptr": f"*{dt}", "out_ptr": "*fp32", "N": "i32", "D": "i32", "stride_xg": "i64",
-                                   "stride_xn": "i32", "alpha": "fp32", "margin": "fp32", "MODE": "constexpr",
-                                   "EXCLUDE_DIAG": "constexpr", "BLOCK_N": "constexpr",
-                                   "BLOCK_D": "constexpr", "UPCAST": "constexpr", "PREC": "constexpr"},
-                        constexprs=common, num_warps=4, num_stages=2))
-                    cfgs.append(AotConfig(
-                        kernel=f"{mod}:_pairs_bwd_kernel",
-                        signature={"x_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "lse_ptr": "*fp32", "gout_ptr": "*fp32",
-                                   "N": "i32", "D": "i32", "stride_xg": "i64", "stride_xn": "i32", "alpha": "fp32",
-                                   "margin": "fp32", "hscale": "fp32", "MODE": "constexpr", "EXCLUDE_DIAG": "constexpr",
-                                   "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "BLOCK_DO": "constexpr",
-                                   "UPCAST": "constexpr", "PREC_X": "constexpr", "PREC": "constexpr"},
-                        constexprs={**common, "BLOCK_DO": BD, "PREC_X": prec, "PREC": "tf32x3"}, num_warps=4, num_stages=2))
+                cx, w, st = _CFG[("pf", cls, mode)]
+                cfgs.append(AotConfig(
+                    kernel=f"{mod}:_pairs_fwd_kernel",
+                    signature={"x_ptr": f"*{dt}", "sq_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "D": "i32",
+                               "stride_xg": "i64", "stride_xn": "i32", "alpha": "fp32", "margin": "fp32",
+                               "MODE": "constexpr", "EXCLUDE_DIAG": "constexpr", "BLOCK_N": "constexpr",
+                               "BLOCK_D": "constexpr", "UPCAST": "constexpr", "PREC": "constexpr"},
+                    constexprs={"MODE": mode, "EXCLUDE_DIAG": excl, **cx, "UPCAST": False}, num_warps=w,
+                    num_stages=st))
+                cx, w, st = _CFG[("pb", cls, mode)]
+                cfgs.append(AotConfig(
+                    kernel=f"{mod}:_pairs_bwd_kernel",
+                    signature={"x_ptr": f"*{dt}", "sq_ptr": "*fp32", "dx_ptr": f"*{dt}", "lse_ptr": "*fp32",
+                               "gout_ptr": "*fp32", "N": "i32", "D": "i32", "stride_xg": "i64", "stride_xn": "i32",
+                               "alpha": "fp32", "margin": "fp32", "hscale": "fp32", "MODE": "constexpr",
+                               "EXCLUDE_DIAG": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
+                               "BLOCK_DO": "constexpr", "UPCAST": "constexpr", "PREC_X": "constexpr",
+                               "PREC": "constexpr"},
+                    constexprs={"MODE": mode, "EXCLUDE_DIAG": excl, **cx, "UPCAST": False}, num_warps=w,
+                    num_stages=st))
     return cfgs
 
 
