@@ -350,3 +350,25 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert s["losses"]["baseline"]["diffusion"][0] == s["losses"]["dispersive"]["diffusion"][0]
     assert 0.0 <= s["classifier_test_accuracy"] <= 1.0
     assert "baseline" in capsys.readouterr().out
+
+
+def test_tuple_outputs_parameterless_modules_and_context_manager():
+    class Pair(torch.nn.Module):                      # returns (features, extra): the first element is used
+        def forward(self, z):
+            return z * 2, None
+    net = torch.nn.Sequential(torch.nn.Identity())
+    pair = Pair()
+    z = torch.randn(5, 3, 7, requires_grad=True)
+    with DispersiveRegularizer([net[0], pair], weight=1.0, tau=0.5) as reg:
+        assert reg.pop_loss().device == z.device       # no parameters: still a zero on a device
+        net(z)
+        pair(z)
+        got = reg.pop_loss()
+    want = sum(contrastgen.dispersive_loss(w.reshape(5, -1).double(), tau=0.5, backend="torch")
+               for w in (z.detach(), 2 * z.detach()))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert reg.num_captured == 0
+    net(z)
+    assert reg.num_captured == 0                       # hooks removed on exit
+    got.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0

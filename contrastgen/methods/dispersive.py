@@ -34,6 +34,7 @@ that takes part in the graph.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -87,7 +88,7 @@ class DispersiveRegularizer:
         self.enabled = True
         self.last_loss: Optional[torch.Tensor] = None   # unweighted, detached value of the last pop_loss()
         self._captured: List[torch.Tensor] = []
-        self._device = next((p.device for m in modules for p in m.parameters()), torch.device("cpu"))
+        self._last_device = torch.device("cpu")
         self._handles = [m.register_forward_hook(self._hook) for m in modules]
 
     # ----------------------------------------------------------------- presets
@@ -129,10 +130,17 @@ class DispersiveRegularizer:
     def num_captured(self) -> int:
         return len(self._captured)
 
+    def _device(self) -> torch.device:
+        """Where the hooked modules live now (they may have been moved after the hooks were registered)."""
+        for m in self.modules:
+            for t in itertools.chain(m.parameters(), m.buffers()):
+                return t.device
+        return self._last_device
+
     def compute_loss(self) -> torch.Tensor:
         """``sum`` of the unweighted dispersive losses of the current captures (float32 scalar); keeps them."""
         if not self._captured:
-            return torch.zeros((), device=self._device, dtype=torch.float32)
+            return torch.zeros((), device=self._device(), dtype=torch.float32)
         groups: dict = {}
         for z in self._captured:
             z2 = z.reshape(z.shape[0], -1)
@@ -149,8 +157,8 @@ class DispersiveRegularizer:
                     z = z.float() if self.upcast else z
                     loss = dispersive_loss(z, variant=self.variant, tau=self.tau, margin=self.margin,
                                            grouped=True, backend=self.backend).float().sum()
-            loss = loss.to(self._device)
-            total = loss if total is None else total + loss
+            self._last_device = dev
+            total = loss if total is None else total + loss.to(total.device)
         return total
 
     def pop_loss(self) -> torch.Tensor:
