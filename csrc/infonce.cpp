@@ -36,6 +36,10 @@
 #include <string>
 #include <vector>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -635,6 +639,93 @@ py::tuple siglip_bwd_block(f32arr S, double scale_d, double bias_d, int64_t row0
     return py::make_tuple(ds, db);
 }
 
+// ----------------------------------------------------------------------------------------------------
+// Route (b) for the logits product (2026-11-24): S = Q_blk K^T with a register-blocked AVX-512 micro-kernel
+// (12 rows x 32 columns, 24 zmm accumulators) over K packed once per call into 32-column panels
+// (ceil(M/32), D, 32), zero-padded.  Measured against MKL's sgemm (torch.matmul) on the 2-core Zen4 machine
+// in benches/cpu_infonce.py; the wrapper picks it when the extension was built with AVX-512.
+// keys (C, D) float32 -> panels (ceil(C/32), D, 32)
+void pack_keys(f32arr keys, f32arr panels) {
+    check(keys.ndim() == 2, "keys must be 2-D");
+    const int64_t C = keys.shape(0), D = keys.shape(1), np_ = (C + 31) / 32;
+    check_shape(panels, {np_, D, 32}, "panels");
+    const float* k = keys.data();
+    float* p = panels.mutable_data();
+    py::gil_scoped_release nogil;
+#pragma omp parallel for schedule(static)
+    for (int64_t pn = 0; pn < np_; ++pn)
+        for (int64_t c = 0; c < 32; ++c) {
+            const int64_t j = pn * 32 + c;
+            for (int64_t d = 0; d < D; ++d) p[(pn * D + d) * 32 + c] = j < C ? k[j * D + d] : 0.f;
+        }
+}
+
+#ifdef __AVX512F__
+template <int R>
+static inline void qkt_micro(const float* a, int64_t D, const float* bp, float* c, int64_t ldc, __mmask16 m0,
+                             __mmask16 m1) {
+    __m512 acc0[R], acc1[R];
+    for (int r = 0; r < R; ++r) acc0[r] = _mm512_setzero_ps(), acc1[r] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+        const __m512 b0 = _mm512_loadu_ps(bp + d * 32), b1 = _mm512_loadu_ps(bp + d * 32 + 16);
+#pragma GCC unroll 12
+        for (int r = 0; r < R; ++r) {
+            const __m512 av = _mm512_set1_ps(a[r * D + d]);
+            acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
+            acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        _mm512_mask_storeu_ps(c + r * ldc, m0, acc0[r]);
+        _mm512_mask_storeu_ps(c + r * ldc + 16, m1, acc1[r]);
+    }
+}
+
+template <int R>
+static void qkt_rows(const float* a, int64_t D, const float* bp, float* c, int64_t ldc, __mmask16 m0, __mmask16 m1,
+                     int64_t rows) {
+    if constexpr (R > 0) {
+        if (rows == R) return qkt_micro<R>(a, D, bp, c, ldc, m0, m1);
+        return qkt_rows<R - 1>(a, D, bp, c, ldc, m0, m1, rows);
+    }
+}
+#endif
+
+bool has_avx512_product() {
+#ifdef __AVX512F__
+    return true;
+#else
+    return false;
+#endif
+}
+
+// S (b, C) = q[row0 : row0 + b] @ keys^T from the packed panels of the C keys.
+void qkt_block(f32arr q, int64_t row0, f32arr panels, f32arr S) {
+    check(q.ndim() == 2 && S.ndim() == 2 && panels.ndim() == 3, "q, S must be 2-D and panels 3-D");
+    const int64_t D = q.shape(1), b = S.shape(0), C = S.shape(1), np_ = (C + 31) / 32;
+    check(row0 >= 0 && row0 + b <= q.shape(0), "rows out of range");
+    check_shape(panels, {np_, D, 32}, "panels");
+#ifdef __AVX512F__
+    const float* a = q.data() + row0 * D;
+    const float* p = panels.data();
+    float* c = S.mutable_data();
+    py::gil_scoped_release nogil;
+#pragma omp parallel for schedule(static)
+    for (int64_t pn = 0; pn < np_; ++pn) {
+        const int64_t left = C - pn * 32;
+        const __mmask16 m0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+        const __mmask16 m1 = left >= 32 ? (__mmask16)0xFFFF : (left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1u));
+        for (int64_t i = 0; i < b; i += 12) {
+            const int64_t rows = b - i < 12 ? b - i : 12;
+            qkt_rows<12>(a + i * D, D, p + pn * D * 32, c + i * C + pn * 32, C, m0, m1, rows);
+        }
+    }
+#else
+    (void)q; (void)row0; (void)panels; (void)S;
+    check(false, "qkt_block needs a build with AVX-512 (-march=native on an AVX-512 machine)");
+#endif
+}
+
 int omp_threads() { return num_threads(); }
 
 PYBIND11_MODULE(_cpp_infonce, mod) {
@@ -655,4 +746,8 @@ PYBIND11_MODULE(_cpp_infonce, mod) {
     mod.def("siglip_bwd_block", &siglip_bwd_block, py::arg("S").noconvert(), py::arg("scale"), py::arg("bias"),
             py::arg("row0"), py::arg("g_row").noconvert());
     mod.def("omp_threads", &omp_threads, "OpenMP threads the epilogues use");
+    mod.def("has_avx512_product", &has_avx512_product, "qkt_block is compiled (AVX-512 build)");
+    mod.def("pack_keys", &pack_keys, py::arg("keys").noconvert(), py::arg("panels").noconvert());
+    mod.def("qkt_block", &qkt_block, py::arg("q").noconvert(), py::arg("row0"), py::arg("panels").noconvert(),
+            py::arg("S").noconvert());
 }

@@ -22,11 +22,16 @@ F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float6
 FLOOR = {F32: 2e-6, BF16: 4e-3, F16: 1e-3}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_small_blocks(monkeypatch):
-    """Small row blocks so that every case above 16 rows spans several blocks (ragged last block)."""
+PRODUCTS = ["blas"] + (["avx512"] if E.has_avx512_product() else [])
+
+
+@pytest.fixture(autouse=True, params=PRODUCTS)
+def product(request, monkeypatch):
+    """Both ways of computing the logits block (MKL via torch.matmul, the AVX-512 micro-kernel), and small row
+    blocks so that every case above 16 rows spans several blocks (ragged last block)."""
+    monkeypatch.setattr(C, "PRODUCT", request.param)
     monkeypatch.setattr(C, "MAX_BLOCK_ROWS", 16)
-    yield
+    yield request.param
 
 
 def _err(a, b):
@@ -286,6 +291,18 @@ def test_siglip_core(n, m, d, dtype):
     for name, a, b, c in zip(("dq", "dk", "dscale", "dbias"), grads, gexp, low[1:]):
         assert a.shape == b.shape and torch.isfinite(a).all(), name
         assert_2x(name, a, b, c, dtype, n * m if name in ("dscale", "dbias") else 1)
+
+
+@pytest.mark.skipif(not E.has_avx512_product(), reason="extension built without AVX-512")
+@pytest.mark.parametrize("b,c,d", [(1, 1, 1), (11, 31, 3), (12, 32, 64), (13, 33, 130), (25, 100, 7)])
+def test_avx512_logits_product(b, c, d):
+    q, keys = torch.randn(b + 3, d), torch.randn(c, d)
+    panels = torch.empty((c + 31) // 32, d, 32)
+    E.pack_keys(keys.numpy(), panels.numpy())
+    s = torch.full((b, c), float("nan"))
+    E.qkt_block(q.numpy(), 2, panels.numpy(), s.numpy())
+    exp = q[2:2 + b].double() @ keys.double().T
+    assert _err(s, exp) <= 1e-5 * _mag(exp) * d ** 0.5
 
 
 # ----------------------------------------------------------------------------------------------- argument checks

@@ -32,6 +32,9 @@ _ext = cpp_extension("infonce")
 # (larger blocks stop fitting in the 32 MiB L3 with the GEMM's own panels; smaller ones run the GEMMs slower).
 BLOCK_ELEMS = 1 << 22
 MAX_BLOCK_ROWS = 512
+# How S = Q_blk K^T is computed: "avx512" (the extension's register-blocked micro-kernel over keys packed once
+# per call, csrc/infonce.cpp qkt_block) or "blas" (torch.matmul -> MKL).  See the module doc for the measurement.
+PRODUCT = "avx512" if (_ext is not None and _ext.has_avx512_product()) else "blas"
 _EMPTY_I64 = torch.zeros(0, dtype=torch.int64)
 _EMPTY_F32 = torch.zeros(0, dtype=torch.float32)
 
@@ -102,6 +105,17 @@ def _prepare(q, k, bank, q_labels, k_labels):
     return qf, keys, kf.shape[0], kb, has_labels, ql, kl
 
 
+def _logits_product(qf: torch.Tensor, keys: torch.Tensor):
+    """-> fill(i0, s): s (b, C) <- qf[i0:i0+b] @ keys^T, by PRODUCT."""
+    if PRODUCT == "avx512" and _ext is not None and _ext.has_avx512_product() and keys.shape[1] > 0:
+        panels = torch.empty((keys.shape[0] + 31) // 32, keys.shape[1], 32, dtype=torch.float32)
+        _ext.pack_keys(keys.numpy(), panels.numpy())
+        qn, pn = qf.numpy(), panels.numpy()
+        return lambda i0, s: _ext.qkt_block(qn, i0, pn, s.numpy())
+    keys_t = keys.T
+    return lambda i0, s: torch.matmul(qf[i0:i0 + s.shape[0]], keys_t, out=s)
+
+
 def _check_flags(exclude_self, symmetric, pml, kb, n, m):
     if exclude_self and n != m:
         raise ValueError(f"exclude_self needs q and k to be the same set (N == M), got N={n}, M={m}")
@@ -126,12 +140,12 @@ def infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_ba
         col_state[1:].zero_()
     bsz = _block_rows(n, c)
     buf = torch.empty(bsz * c, dtype=torch.float32)
-    keys_t = keys.T
+    fill = _logits_product(qf, keys)
     rl, rs, cs, qln, kln = row_loss.numpy(), row_stats.numpy(), col_state.numpy(), ql.numpy(), kl.numpy()
     for i0 in range(0, n, bsz):
         b = min(bsz, n - i0)
         s = buf[: b * c].view(b, c)
-        torch.matmul(qf[i0:i0 + b], keys_t, out=s)
+        fill(i0, s)
         ext.infonce_fwd_block(s.numpy(), sc, i0, m, qln, kln, has_labels, bool(exclude_self),
                               bool(in_batch_negatives), bool(pml), bool(symmetric), rl[i0:i0 + b], rs[i0:i0 + b],
                               cs)
@@ -178,14 +192,14 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_ba
     dkeys = torch.zeros(c, d, dtype=torch.float32)
     bsz = _block_rows(n, c)
     buf = torch.empty(bsz * c, dtype=torch.float32)
-    keys_t = keys.T
+    fill = _logits_product(qf, keys)
     rsn, gn, qln, kln = rstats.numpy(), g.numpy(), ql.numpy(), kl.numpy()
     dscale = 0.0
     for i0 in range(0, n, bsz):
         b = min(bsz, n - i0)
         s = buf[: b * c].view(b, c)
         qb = qf[i0:i0 + b]
-        torch.matmul(qb, keys_t, out=s)
+        fill(i0, s)
         dscale += ext.infonce_bwd_block(s.numpy(), sc, i0, m, qln, kln, has_labels, bool(exclude_self),
                                         bool(in_batch_negatives), bool(pml), bool(symmetric), rsn[i0:i0 + b],
                                         gn[i0:i0 + b], cl, cg, cgp, ccb, col_ref)
@@ -209,11 +223,12 @@ def siglip_fwd(q, k, scale, bias):
     row_loss = torch.empty(n, dtype=torch.float32)
     bsz = _block_rows(n, c)
     buf = torch.empty(bsz * c, dtype=torch.float32)
-    rl, kt = row_loss.numpy(), kf.T
+    fill = _logits_product(qf, kf)
+    rl = row_loss.numpy()
     for i0 in range(0, n, bsz):
         b = min(bsz, n - i0)
         s = buf[: b * c].view(b, c)
-        torch.matmul(qf[i0:i0 + b], kt, out=s)
+        fill(i0, s)
         ext.siglip_fwd_block(s.numpy(), sc, bi, i0, rl[i0:i0 + b])
     return row_loss
 
@@ -233,13 +248,14 @@ def siglip_bwd(q, k, scale, bias, g_row):
     dk = torch.zeros(c, d, dtype=torch.float32)
     bsz = _block_rows(n, c)
     buf = torch.empty(bsz * c, dtype=torch.float32)
-    gn, kt = g.numpy(), kf.T
+    gn = g.numpy()
+    fill = _logits_product(qf, kf)
     dscale = dbias = 0.0
     for i0 in range(0, n, bsz):
         b = min(bsz, n - i0)
         s = buf[: b * c].view(b, c)
         qb = qf[i0:i0 + b]
-        torch.matmul(qb, kt, out=s)
+        fill(i0, s)
         ds, db = ext.siglip_bwd_block(s.numpy(), sc, bi, i0, gn[i0:i0 + b])
         dscale += ds
         dbias += db
