@@ -19,6 +19,12 @@ def _f(v, fmt):
     return "-" if v is None else format(v, fmt)
 
 
+def _ratio(v):
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if v >= 0.1 else f"{v:.2g}"
+
+
 def _ms(v):
     if v is None:
         return "-"
@@ -80,7 +86,7 @@ def format_table(doc) -> str:
             if r.get("check_abs_err") is not None:
                 err = f"{r['check_abs_err']:.1e} [{r.get('check_ref_abs_err', 0):.0e}]"
             rows.append([r["shape_str"], r["dtype"], r["mode"], r["provider"], _ms(r["ms"]),
-                         _f(r.get("speedup"), ".2f"), _f(r.get("peak_mib"), ".1f"), _f(r.get("mem_ratio"), ".2f"),
+                         _ratio(r.get("speedup")), _f(r.get("peak_mib"), ".1f"), _ratio(r.get("mem_ratio")),
                          _rate(r), err])
         out.append(f"\n== {op}")
         if rows:
@@ -146,7 +152,7 @@ def markdown(docs, mode="fwd+bwd", providers=None) -> str:
                                    order.get(kv[0][5], 9), kv[0][5]))
         for (_, op, shape, dtype, md, prov), (r, _, _) in items:
             out.append(f"| {op} | {shape} | {dtype} | {md} | {prov} | {_ms(r['ms'])} | "
-                       f"{_f(r.get('speedup'), '.2f')} | {_f(r.get('peak_mib'), '.1f')} | {_rate(r)} |")
+                       f"{_ratio(r.get('speedup'))} | {_f(r.get('peak_mib'), '.1f')} | {_rate(r)} |")
         out.append("")
     return "\n".join(out) if out else "(no results)"
 
