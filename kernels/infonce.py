@@ -450,8 +450,8 @@ def _siglip_bwd_dk_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, g_row_ptr, dk_ptr, 
 # (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages) per input precision ("fp32" uses 3-pass tf32 dots, which
 # need more registers); the first entry is the fixed default on GPU.  Every entry compiles for sm_80 and
 # sm_90a without register spills (tests/test_aot_compile.py).
-FWD_CONFIGS = {"16bit": [(64, 64, 64, 8, 3), (64, 64, 32, 4, 3)], "fp32": [(64, 32, 32, 4, 3)]}
-BWD_CONFIGS = {"16bit": [(64, 64, 64, 8, 2)], "fp32": [(32, 32, 32, 4, 2)]}
+FWD_CONFIGS = {"16bit": [(64, 64, 64, 8, 3)], "fp32": [(64, 32, 32, 4, 3)]}
+BWD_CONFIGS = {"16bit": [(32, 64, 64, 8, 2)], "fp32": [(32, 32, 32, 4, 2)]}
 PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "16bit", torch.float16: "16bit"}
 COL_REDUCE_BLOCK = 256
 INTERPRET_TILE = (64, 64, 64)  # few, large tiles keep the interpreter fast
