@@ -20,7 +20,9 @@ right after the timed forward) and fwd+bwd (sum of the two within each repeat).
 
 Memory: each (case, provider) runs once more in a fresh subprocess: inputs allocated, one warm-up call, then
 ``/proc/self/clear_refs`` <- 5 resets VmHWM to the current RSS, and the VmHWM growth over one fwd+bwd is the
-extra peak resident memory in MiB (whole process: torch tensors, KeOps and C++ buffers alike).
+extra peak resident memory in MiB (whole process: torch tensors, KeOps and C++ buffers alike; the input leaf
+is allocated before the reset, so the number counts the loss' intermediates, saved tensors and the input's
+gradient).
 
     .venv/bin/python benches/cpu_dispersive.py            # writes benches/results/cpu_dispersive_<date>.json
     .venv/bin/python benches/cpu_dispersive.py --reps 9 --cases uniformity
@@ -119,7 +121,7 @@ def _make(case, provider):
 
 
 def _run_once(f, x0):
-    x = x0.clone().requires_grad_()
+    x = x0 if x0.requires_grad else x0.clone().requires_grad_()
     t0 = time.perf_counter()
     loss = f(x)
     t1 = time.perf_counter()
@@ -161,10 +163,11 @@ def _memory_child(case, provider, threads):
     x0 = _inputs(case)
     run = _fn_for(case, provider)
     run(x0)                                   # warm-up (KeOps compile, page-in of the extension)
+    x = x0.clone().requires_grad_()           # the input leaf exists before the measurement (not counted)
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")                         # VmHWM <- VmRSS
     rss0 = _status("VmRSS")
-    run(x0)
+    run(x)
     hwm = _status("VmHWM")
     print(json.dumps({"peak_rss_delta_mib": (hwm - rss0) / 2**20}))
 
@@ -249,7 +252,8 @@ def main(argv=None):
             "timing": "median of --reps repeats after one warm-up, providers interleaved; fwd and bwd timed "
                       "separately within each repeat, fwd_bwd = their sum",
             "memory": "peak_rss_delta_mib: VmHWM growth over one fwd+bwd in a fresh subprocess after a warm-up call "
-                      "(/proc/self/clear_refs <- 5 resets VmHWM to VmRSS first); whole-process resident memory"}
+                      "(/proc/self/clear_refs <- 5 resets VmHWM to VmRSS first, the input leaf already allocated); "
+                      "whole-process resident memory, including the input's gradient"}
     out = a.out or os.path.join(ROOT, "benches", "results", f"cpu_dispersive_{meta['date']}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as fh:

@@ -349,10 +349,14 @@ def _cls(dtype) -> str:
     return "16" if dtype in (torch.bfloat16, torch.float16) else "fp32"
 
 
+# Tests set this to run the GPU tile sizes of _CFG under the interpreter (small shapes only).
+INTERPRET_WITH_GPU_CONFIGS = False
+
+
 def _config(key, dtype, interp: dict):
     """(constexprs, num_warps, num_stages): the interpreter gets few, large tiles (its time grows with the
     number of tiles); float64 (gradcheck) runs the fp32 tiles with ieee products."""
-    if _INTERPRET:
+    if _INTERPRET and not INTERPRET_WITH_GPU_CONFIGS:
         cx = dict(interp)
         warps, stages = 4, 2
     else:

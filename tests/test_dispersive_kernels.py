@@ -239,6 +239,24 @@ def test_triton_split_k_gram(deterministic):
         torch.testing.assert_close(g, g.transpose(-1, -2), rtol=0, atol=0)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gpu_tile_configs_in_interpreter(dtype, monkeypatch):
+    """The shipped GPU tile sizes (BLOCK_B = 32/64 with several row / column tiles, BLOCK_K = 16..128,
+    BLOCK_N = 32/64, BLOCK_DO = 16/32 with several output-column programs) on small ragged shapes."""
+    from contrastgen.kernels import dispersive as K
+    monkeypatch.setattr(K, "INTERPRET_WITH_GPU_CONFIGS", True)
+    _compare("triton", torch.randn(2, 70, 300), "infonce_l2", dtype, 1e-5)      # Gram path, 2 x 2 / 3 x 3 tiles
+    _compare("triton", torch.randn(1, 40, 200), "covariance", dtype, 1e-5)
+    _compare("triton", torch.randn(1, 70, 40) * 0.3, "hinge", dtype, 1e-5)       # tiled path
+    _compare("triton", torch.randn(1, 70, 40), "infonce_cosine", dtype, 1e-5)
+    x0 = torch.randn(70, 33) * 0.3
+    x, x64, xt = x0.to(dtype).requires_grad_(), x0.to(dtype).double().requires_grad_(), x0.to(dtype).requires_grad_()
+    out, ref, ref_t = contrastgen.uniformity(x, backend="triton"), uniformity_ref(x64), uniformity_ref(xt)
+    _check(out, ref_t, ref, 1e-5)
+    _check(torch.autograd.grad(out, x)[0], torch.autograd.grad(ref_t, xt)[0], torch.autograd.grad(ref, x64)[0], 1e-5)
+
+
 def test_cpp_and_triton_agree_on_grouped_input():
     if len(BACKENDS) < 2:
         pytest.skip("needs both backends")
