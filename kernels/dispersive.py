@@ -28,7 +28,13 @@ Math (per group g; Z is (B, M), one sample per row; METHODS.md section 2):
     Uniformity: MODE 0, alpha = t, diagonal excluded, count = N (N - 1).
 
 Every kernel takes the group index as a grid axis: grouped input (G, B, M) runs in one launch.
-Accumulation is fp32 (fp64 for fp64 input, used by gradcheck).
+Accumulation is fp32 (fp64 for fp64 input, used by gradcheck).  Row norms are the Gram diagonal (no extra pass).
+
+Known costs (GPU tile sizes in ``_CFG``, bounded by zero register spills on sm_80 / sm_90a):
+  * the Gram kernel tiles B in 64-row blocks: with T = cdiv(B, 64) row blocks each K slice of Z is read by
+    T programs (B <= 64: once; B = 256: up to 4 times, partly from L2);
+  * the tiled backward splits the output columns in BLOCK_DO = 16..32 wide programs, each recomputing its
+    logits tiles: cdiv(M, BLOCK_DO) x the forward's dot products (fine for M <= 64, costly for M ~ 1024).
 
 Workarounds (dated):
   * 2026-11-24: the Triton interpreter multiplies raw bits in bf16 ``tl.dot`` (triton issue 11584):
