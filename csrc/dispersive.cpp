@@ -46,7 +46,7 @@ template <typename T> using V = typename Vec<T>::type;
 
 template <typename T> inline V<T> vload(const T* p) { V<T> v; std::memcpy(&v, p, sizeof(v)); return v; }
 template <typename T> inline void vstore(T* p, V<T> v) { std::memcpy(p, &v, sizeof(v)); }
-template <typename T> inline V<T> vsplat(T x) { V<T> v; for (int l = 0; l < Vec<T>::W; ++l) v[l] = x; return v; }
+template <typename T> inline V<T> vsplat(T x) { return V<T>{} + x; }
 template <typename T> inline T hsum(V<T> v) { T s = 0; for (int l = 0; l < Vec<T>::W; ++l) s += v[l]; return s; }
 template <typename T> inline T hmax(V<T> v) {
   T s = v[0];
