@@ -8,12 +8,25 @@ Design
 * Forward (``_infonce_fwd_kernel``): one program per block of BLOCK_N query rows loops over the key
   tiles (the M in-batch keys, then the K bank keys); each logits tile ``S = scale Q K^T`` is computed with
   an inner loop over D (masked, so any D works) and folded into an online log-sum-exp per row.
-  Symmetric losses need the same per column.  Column partials are merged through a buffer of per-row-block
-  partials ``(num_row_blocks, 4, M)`` = [max, sum exp(s - max), sum of positive logits, #positives],
-  reduced by the small ``_infonce_col_reduce_kernel``.  Why not atomics: a (max, sum) pair cannot be
-  merged by one atomic (it needs a CAS loop or a known upper bound of the logits, which unnormalised
-  features do not give), and float atomics are not reproducible; the partial buffer is deterministic by
-  construction and costs 16 bytes per (row block, column), i.e. 1/(8 BLOCK_N) of the dense logits.
+  Symmetric losses need the same per column, ``col_loss_j = lse_{i valid} s_ij - mean_{i pos} s_ij``, by one
+  of two deterministic paths (no atomics, fixed summation order), picked per call by ``infonce_fwd_workspace``
+  from the shapes alone (no host sync):
+  - partials (small problems): the row kernel also reduces each tile over its rows and stores per-row-block
+    column partials ``(R, 4, M)`` fp32, R = cdiv(N, BLOCK_N), = [max_i s_ij, sum_i exp(s_ij - max), sum of
+    positive logits, #positives]; the small ``_infonce_col_reduce_kernel`` merges the R partials of each column
+    (lse_j = max_r m_r + log sum_r exp(m_r - max) l_r).  Cost: 1 matmul-equivalent (G) for the forward, but
+    16 R M bytes = 16 N M / BLOCK_N (N M / 4 bytes at BLOCK_N = 64: O(N M), 1 GiB at N = M = 65,536), so it is
+    used only while that is at most max(COL_PARTIAL_BUDGET_BYTES = 32 MiB, COL_PARTIAL_INPUT_RATIO (= 1) x the
+    bytes of q and k), i.e. extra memory O(N D + 1).
+  - column pass (otherwise): the column quantities are the row quantities of the transposed problem
+    (s^T = scale K Q^T; positives / validity are symmetric in (i, j): the diagonal, label equality
+    ``q_labels[i] == k_labels[j]``, ``exclude_self``, ``in_batch_negatives``), so the same forward kernel runs a
+    second time with the roles swapped: one program per block of keys loops over all query tiles with the
+    online (max, sum exp), the positive-logit sum and npos per key, and writes col_loss / col_stats directly
+    (supcon, no bank, no partials).  Cost: one more G (2G forward, 5G forward + backward instead of 4G); extra
+    memory: none beyond the outputs (12 (N + M) bytes).  Both paths agree up to fp32 rounding.
+  Why not atomics: a (max, sum) pair cannot be merged by one atomic (it needs a CAS loop or a known upper
+  bound of the logits, which unnormalised features do not give), and float atomics are not reproducible.
 * pml: the loss ``sum_p softplus(lse_i - s_ip)`` needs the final ``lse_i`` (over negatives), so the forward
   kernel runs a second loop over the in-batch key tiles that contain a positive (tiles without one are
   skipped before their matmul: for class labels only a few tiles per row block recompute).  The backward
@@ -181,6 +194,8 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, bank_ptr, scale_ptr, ql_ptr, kl_ptr,
     supcon: lse_i = lse_{j valid} s_ij, loss_i = lse_i - (1/npos_i) sum_{p pos} s_ip   (0 if npos_i = 0)
     pml:    lse_i = lse_{j valid, not pos} s_ij, loss_i = sum_{p pos} softplus(lse_i - s_ip)
     symmetric: per column j the partial (max_i, sum_i exp(s_ij - max), sum_pos s_ij, npos) over this block.
+    Also the column pass of symmetric losses: launched on (k, q, k_labels, q_labels), K = 0, pml = symmetric = 0,
+    its row losses / stats are col_loss / col_stats (see the module docstring).
     Gradient: see _infonce_bwd_kernel."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -456,6 +471,13 @@ PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "16bit", torch.float16: "16
 COL_REDUCE_BLOCK = 256
 INTERPRET_TILE = (64, 64, 64)  # few, large tiles keep the interpreter fast
 _MIN_BLOCK_N = min(c[0] for cfgs in (*FWD_CONFIGS.values(), *BWD_CONFIGS.values(), [INTERPRET_TILE]) for c in cfgs)
+# the forward kernel is only ever launched with a FWD_CONFIGS (or the interpreter) tile: sizes its column partials
+_MIN_FWD_BLOCK_N = min(c[0] for cfgs in (*FWD_CONFIGS.values(), [INTERPRET_TILE]) for c in cfgs)
+# Symmetric forward: the column partial buffer (see the module docstring) is used only while its size stays within
+# max(COL_PARTIAL_BUDGET_BYTES, COL_PARTIAL_INPUT_RATIO x bytes of q and k); beyond that the column pass runs
+# (one more matmul-equivalent, no workspace).  Set both to 0 to force the column pass (tests do).
+COL_PARTIAL_BUDGET_BYTES = 32 * 2 ** 20
+COL_PARTIAL_INPUT_RATIO = 1.0
 
 
 def _tconfigs(cfgs):
@@ -540,9 +562,27 @@ def _labels(q_labels, k_labels, q):
 
 
 # ----------------------------------------------------------------------------------------------- launchers
+def infonce_fwd_workspace(n, m, d, itemsize, symmetric):
+    """(path, bytes): how ``infonce_fwd`` computes the column losses of an (n, d) x (m, d) call with inputs of
+    ``itemsize`` bytes per element, and the workspace it allocates beyond its outputs (12 (n + m) bytes).
+
+    path "rows": no column losses (not symmetric), no workspace.
+    path "partials": the (cdiv(n, BLOCK_N), 4, m) fp32 column partial buffer, 16 cdiv(n, BLOCK_N) m bytes
+    (BLOCK_N >= 64: about n m / 4 bytes), chosen while it is at most
+    max(COL_PARTIAL_BUDGET_BYTES, COL_PARTIAL_INPUT_RATIO (n + m) d itemsize).
+    path "column_pass": the forward kernel once more with the roles of q and k swapped, no workspace."""
+    if not symmetric:
+        return "rows", 0
+    part = 16 * triton.cdiv(n, _MIN_FWD_BLOCK_N) * m
+    budget = max(COL_PARTIAL_BUDGET_BYTES, COL_PARTIAL_INPUT_RATIO * (n + m) * d * itemsize)
+    return ("partials", part) if part <= budget else ("column_pass", 0)
+
+
 def infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric):
-    """Fused InfoNCE forward: (row_loss (N,), col_loss (M,) or (0,), row_stats (N, 2), col_stats (M, 2) or (0, 2))."""
-    dtypes = (q.dtype, k.dtype, None if bank is None else bank.dtype)
+    """Fused InfoNCE forward: (row_loss (N,), col_loss (M,) or (0,), row_stats (N, 2), col_stats (M, 2) or (0, 2)).
+
+    Symmetric: the column statistics come from the partial buffer or from the column pass, whichever
+    ``infonce_fwd_workspace`` picks for this shape (both deterministic, equal up to fp32 rounding)."""
     q, k = _kernel_input(q), _kernel_input(k)
     n, d = q.shape
     m = k.shape[0]
@@ -552,24 +592,33 @@ def infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_ne
     flags = _dtype_flags(q)
     ql, kl, has_labels = _labels(q_labels, k_labels, q)
     dev = q.device
+    sc = _scalar(scale, q)
+    ex, ibn = int(bool(exclude_self)), int(bool(in_batch_negatives))
+    path, _ = infonce_fwd_workspace(n, m, d, q.element_size(), symmetric)
     row_loss = torch.empty(n, dtype=torch.float32, device=dev)
     row_stats = torch.empty(n, 2, dtype=torch.float32, device=dev)
-    if symmetric:
-        r = triton.cdiv(n, _MIN_BLOCK_N)
-        part = torch.empty(r, 4, m, dtype=torch.float32, device=dev)  # every row read back is written
+    if path == "partials":
+        part = torch.empty(triton.cdiv(n, _MIN_FWD_BLOCK_N), 4, m, dtype=torch.float32, device=dev)  # rows read back are written
     else:
         part = row_loss  # unused
     block_n = _launch("infonce_fwd", n, d, None,
-            (q, k, bank_t, _scalar(scale, q), ql, kl, row_loss, row_stats, part, n, m, kb, d, has_labels,
-             int(bool(exclude_self)), int(bool(in_batch_negatives)), int(bool(pml)), int(bool(symmetric))),
+            (q, k, bank_t, sc, ql, kl, row_loss, row_stats, part, n, m, kb, d, has_labels,
+             ex, ibn, int(bool(pml)), int(path == "partials")),
             **flags)
-    if not symmetric:
+    if path == "rows":
         return row_loss, row_loss.new_zeros(0), row_stats, row_stats.new_zeros(0, 2)
     col_loss = torch.empty(m, dtype=torch.float32, device=dev)
     col_stats = torch.empty(m, 2, dtype=torch.float32, device=dev)
-    # only the rows written by the launched tile size (autotuning may have written more with other tiles)
-    _infonce_col_reduce_kernel[(triton.cdiv(m, COL_REDUCE_BLOCK),)](part, col_loss, col_stats, m,
-                                                                    triton.cdiv(n, block_n), BLOCK_C=COL_REDUCE_BLOCK)
+    if path == "partials":
+        # only the rows written by the launched tile size (autotuning may have written more with other tiles)
+        _infonce_col_reduce_kernel[(triton.cdiv(m, COL_REDUCE_BLOCK),)](
+            part, col_loss, col_stats, m, triton.cdiv(n, block_n), BLOCK_C=COL_REDUCE_BLOCK)
+    else:
+        # column pass: col_loss_j / col_stats_j of the contract are the row loss / stats of the transposed problem
+        # (keys as queries, q_labels and k_labels swapped; the masks are symmetric in (i, j)), supcon, no bank
+        _launch("infonce_fwd", m, d, None,
+                (k, q, k, sc, kl, ql, col_loss, col_stats, col_loss, m, n, 0, d, has_labels, ex, ibn, 0, 0),
+                **flags)
     return row_loss, col_loss, row_stats, col_stats
 
 

@@ -295,3 +295,88 @@ def test_public_deterministic_env(monkeypatch):
         loss = contrastgen.clip_loss(q, k, torch.tensor(10.0), backend="triton")
         out.append(torch.autograd.grad(loss, [q, k]))
     assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+# ----------------------------------------------------------------------------------------------- column pass
+# Symmetric losses: the column statistics come either from the (row blocks, 4, M) partial buffer (small shapes)
+# or from the column pass (the forward kernel with q and k swapped, no workspace).  Budget 0 forces the latter.
+@pytest.fixture
+def force_column_pass(monkeypatch):
+    monkeypatch.setattr(K, "COL_PARTIAL_BUDGET_BYTES", 0)
+    monkeypatch.setattr(K, "COL_PARTIAL_INPUT_RATIO", 0.0)
+
+    class _NoReduce:  # the column pass must not go through the partial buffer
+        def __getitem__(self, grid):
+            raise AssertionError("the column pass launched the partial reduction")
+
+    monkeypatch.setattr(K, "_infonce_col_reduce_kernel", _NoReduce())
+
+
+# (N, M, K bank, D, labels, exclude_self, in_batch_negatives, pml, symmetric)
+COLUMN_PASS_CASES = [
+    (1, 1, 0, 3, None, False, True, False, True),          # N = 1
+    (37, 37, 0, 130, None, False, True, False, True),      # CLIP diagonal, N not a multiple of the block
+    (37, 53, 0, 64, "rand", False, True, False, True),     # supcon symmetric with labels, N != M
+    (129, 70, 0, 33, "rand", False, True, False, True),    # several row and key blocks, odd D
+    (37, 37, 0, 64, "unique", False, False, False, True),  # only the positive is valid
+]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("case", COLUMN_PASS_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_column_pass_matches_core_reference(case, dtype, force_column_pass):
+    q, k, bank, scale, ql, kl, ex, ibn, pml, sym = _make_case(case, dtype)
+    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    assert K.infonce_fwd_workspace(n, m, d, q.element_size(), True) == ("column_pass", 0)
+    out = K.infonce_fwd(q, k, bank, scale, ql, kl, ex, ibn, pml, sym)
+    exp = ref.infonce_core_fwd_ref(q, k, bank, scale, ql, kl, ex, ibn, pml, sym)  # float64 of the same inputs
+    tol = 2e-5 if dtype == F32 else 1e-4  # fp32 accumulation (16-bit products are exact in fp32)
+    for name, a, b in zip(("row_loss", "col_loss", "row_stats", "col_stats"), out, exp):
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        a = torch.where(b <= -1e30, torch.full_like(a, -1e30), a).clamp_min(-1e30)
+        assert _err(a, b) <= tol * _scale_of(b), (name, _err(a, b))
+
+
+@pytest.mark.parametrize("case", [COLUMN_PASS_CASES[2], COLUMN_PASS_CASES[3]], ids=["supcon", "blocks"])
+def test_column_pass_and_partials_agree(case, monkeypatch):
+    q, k, bank, scale, ql, kl, ex, ibn, pml, sym = _make_case(case, F32)
+    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    assert K.infonce_fwd_workspace(n, m, d, 4, True)[0] == "partials"  # small: the default takes the buffer
+    part = K.infonce_fwd(q, k, bank, scale, ql, kl, ex, ibn, pml, sym)
+    monkeypatch.setattr(K, "COL_PARTIAL_BUDGET_BYTES", 0)
+    monkeypatch.setattr(K, "COL_PARTIAL_INPUT_RATIO", 0.0)
+    col = K.infonce_fwd(q, k, bank, scale, ql, kl, ex, ibn, pml, sym)
+    col2 = K.infonce_fwd(q, k, bank, scale, ql, kl, ex, ibn, pml, sym)
+    for a, b, c in zip(part, col, col2):
+        assert torch.equal(b, c)  # deterministic
+        assert _err(a, b) <= 1e-6 * _scale_of(a)  # same values up to fp32 rounding
+    assert torch.equal(part[0], col[0]) and torch.equal(part[2], col[2])  # the row pass is the same computation
+
+
+def test_column_pass_public_clip_gradients(force_column_pass):
+    """clip_loss end to end (forward through the column pass, backward from its col_stats) vs the reference."""
+    image, text = _feat(70, 64).requires_grad_(), _feat(70, 64).requires_grad_()
+    s = torch.tensor(10.0, requires_grad=True)
+    _check_public(lambda i, t, s_: contrastgen.clip_loss(i, t, s_, backend="triton"),
+                  lambda i, t, s_: ref.clip_loss_ref(i, t, s_), [image, text, s], F32)
+
+
+def test_forward_workspace_choice():
+    """The launcher's extra memory: the partial buffer only while it is small, O(N D + N + M) beyond that."""
+    ws = K.infonce_fwd_workspace
+    assert ws(4096, 4096, 256, 2, False) == ("rows", 0)
+    # CLIP at 8k: 16 x 128 x 8192 B = 16 MiB partials, within the 32 MiB floor
+    path, extra = ws(8192, 8192, 256, 2, True)
+    assert path == "partials" and extra == 16 * (8192 // K._MIN_FWD_BLOCK_N) * 8192 <= K.COL_PARTIAL_BUDGET_BYTES
+    # partials allowed up to the bytes of q and k (D = 4096 fp32: 1 GiB of inputs, 256 MiB of partials)
+    assert ws(32768, 32768, 4096, 4, True)[0] == "partials"
+    for n, d, itemsize in ((65536, 512, 2), (262144, 256, 2), (262144, 1024, 4), (20000, 64, 4)):
+        path, extra = ws(n, n, d, itemsize, True)
+        partial = 16 * -(-n // K._MIN_FWD_BLOCK_N) * n
+        assert path == "column_pass" and partial > max(K.COL_PARTIAL_BUDGET_BYTES, 2 * n * d * itemsize)
+        assert extra <= 2 * n * d * itemsize + 12 * 2 * n  # O(N D + N + M), here 0
+    # whatever the shape, the chosen workspace stays within the budget rule
+    for n, m, d in ((1, 1, 1), (100, 3000, 7), (50000, 70, 64), (70, 50000, 64), (40000, 40000, 128)):
+        _, extra = ws(n, m, d, 2, True)
+        assert extra <= max(K.COL_PARTIAL_BUDGET_BYTES, K.COL_PARTIAL_INPUT_RATIO * (n + m) * d * 2)
