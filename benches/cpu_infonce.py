@@ -138,6 +138,9 @@ def _status_kib(key):
 
 def _memory_child(provider, n, d, threads):
     torch.set_num_threads(threads)
+    if os.environ.get("CONTRASTGEN_BENCH_PRODUCT"):
+        from contrastgen.ops import _cpp_infonce as C
+        C.PRODUCT = os.environ["CONTRASTGEN_BENCH_PRODUCT"]
     fwd, bwd, fb = make_provider(provider, 64, d)
     fb()  # load libraries, start the thread pools
     fwd, bwd, fb = make_provider(provider, n, d)
@@ -195,6 +198,11 @@ def _versions():
     return v
 
 
+def _cpp_setting(name):
+    from contrastgen.ops import _cpp_infonce as C
+    return getattr(C, name)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="*", default=[1024, 4096, 8192, 16384])
@@ -204,6 +212,8 @@ def main(argv=None):
     ap.add_argument("--providers", nargs="*", default=list(PROVIDERS))
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--product", choices=["avx512", "blas"], default=None,
+                    help="how the C++ core computes the logits block (default: the module's choice)")
     ap.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
@@ -211,6 +221,10 @@ def main(argv=None):
         _memory_child(p, int(n), int(d), int(t))
         return
     torch.set_num_threads(args.threads)
+    if args.product:
+        from contrastgen.ops import _cpp_infonce as C
+        C.PRODUCT = args.product
+        os.environ["CONTRASTGEN_BENCH_PRODUCT"] = args.product  # for the memory subprocesses
     providers = [p for p in args.providers if _available(p)]
     results = []
     load0 = os.getloadavg()[0]
@@ -234,7 +248,8 @@ def main(argv=None):
         "memory": "fresh subprocess per (provider, shape): rss_peak_mib = VmHWM growth over one fwd+bwd after "
                   "resetting VmHWM via /proc/self/clear_refs; torch_alloc_peak_mib = peak running sum of "
                   "torch.profiler CPU [memory] events over one fwd+bwd",
-        "block_rows": __import__("contrastgen.ops._cpp_infonce", fromlist=["x"]).MAX_BLOCK_ROWS,
+        "cpp_max_block_rows": _cpp_setting("MAX_BLOCK_ROWS"),
+        "cpp_logits_product": _cpp_setting("PRODUCT"),
     }
     out = args.out or os.path.join(ROOT, "benches", "results", f"cpu_infonce_{meta['date']}.json")
     with open(out, "w") as f:

@@ -2,18 +2,23 @@
 
 Plain functions on tensors (no autograd); ``contrastgen/ops/infonce.py`` wraps them in custom ops.
 
-Design (measured 2026-11-24 on the 2-core AVX-512 machine, see ``benches/cpu_infonce.py``): rows are processed
-in blocks of B queries.  For each block the products go through torch's BLAS (MKL, ~130 GFLOP/s here):
+Design (2026-11-24, measured on the shared 2-core Zen4 AVX-512 machine with ``benches/cpu_infonce.py``): rows
+are processed in blocks of B queries; per block
 
-    forward:   S = Q_blk K^T                      (B x C, C = M + bank rows; a reused buffer)
-               C++ epilogue (csrc/infonce.cpp): row lse / positives / loss, and for ``symmetric`` the running
-               column (max, sum exp) merged across blocks in the same pass  -> 1 GEMM
-    backward:  S = Q_blk K^T  (recomputed), C++ epilogue overwrites it with scale * dS (rows and columns,
+    forward:   S = Q_blk K^T                      (B x C, C = M + bank rows; one reused buffer)
+               C++ epilogue (csrc/infonce.cpp): row lse / positives / loss and, for ``symmetric``, the column
+               (max, sum exp) merged across blocks in the same pass          -> 1 GEMM
+    backward:  S = Q_blk K^T  (recomputed); the C++ epilogue overwrites it with scale * dS (rows and columns,
                from the saved lse) and returns sum dS * S for dscale;
-               dQ_blk = (scale dS) K,  dK += (scale dS)^T Q_blk      -> 3 GEMMs
+               dQ_blk = (scale dS) K,  dK += (scale dS)^T Q_blk               -> 3 GEMMs
 
-so 4 GEMM-equivalents in total and O(B*C + N*D) extra memory (never N x M).  A hand-written AVX-512 product
-in the extension was slower than MKL here (see the benchmark notes), hence the split.
+so 4 GEMM-equivalents and O(B*C + N*D) extra memory (never N x M).  The logits product S = Q_blk K^T runs
+either through MKL (torch.matmul, ``PRODUCT = "blas"``) or through the extension's register-blocked AVX-512
+micro-kernel over keys packed once per call (``PRODUCT = "avx512"``, route (b)); the micro-kernel matched or
+beat MKL's sgemm here (42-48 vs 27-42 GFLOP/s on the loaded machine, 1 and 2 threads), so it is the default
+where the extension was built with AVX-512.  dQ and dK stay in MKL.  In the symmetric CLIP case the epilogues
+use one exponential per logit for both directions (row and column exponentials differ by a rank-1 factor;
+guarded so that it is only used when no term can under/overflow; csrc/infonce.cpp ``factored``).
 
 Dtypes: float32 is computed as is.  bfloat16 / float16 inputs are converted to float32 (keys once, O(M*D);
 queries per block) before the products, which accumulate in float32 and feed the float32 epilogue; float64
@@ -28,10 +33,11 @@ from ._backends import cpp_extension
 
 _ext = cpp_extension("infonce")
 
-# Elements of the (B x C) block buffer: 4 Mi floats = 16 MiB.  B = 512 rows at C = 8192 measured fastest
-# (larger blocks stop fitting in the 32 MiB L3 with the GEMM's own panels; smaller ones run the GEMMs slower).
-BLOCK_ELEMS = 1 << 22
-MAX_BLOCK_ROWS = 512
+# Row block B: at most MAX_BLOCK_ROWS rows and BLOCK_ELEMS floats (32 MiB) of logits, and at least 8 blocks
+# once N >= 512 (so that the buffer stays ~1/8 of an N x M matrix on small problems).  On the shared 2-core
+# machine B = 1024 at N = 8192 measured fastest (fewer OpenMP fork/joins per call; benches/cpu_infonce.py).
+BLOCK_ELEMS = 1 << 23
+MAX_BLOCK_ROWS = 1024
 # How S = Q_blk K^T is computed: "avx512" (the extension's register-blocked micro-kernel over keys packed once
 # per call, csrc/infonce.cpp qkt_block) or "blas" (torch.matmul -> MKL).  See the module doc for the measurement.
 PRODUCT = "avx512" if (_ext is not None and _ext.has_avx512_product()) else "blas"
@@ -82,7 +88,7 @@ def _labels(t, n: int, name: str) -> torch.Tensor:
 
 
 def _block_rows(n: int, c: int) -> int:
-    return max(1, min(n, MAX_BLOCK_ROWS, BLOCK_ELEMS // max(c, 1)))
+    return max(1, min(n, MAX_BLOCK_ROWS, BLOCK_ELEMS // max(c, 1), max(64, n // 8)))
 
 
 def _prepare(q, k, bank, q_labels, k_labels):
