@@ -110,7 +110,8 @@ def load(results_dir: Path):
         except (OSError, json.JSONDecodeError) as e:
             print(f"skipping {p}: {e}", file=sys.stderr)
             continue
-        if "meta" in doc and "results" in doc:
+        # Harness runs only (benches/run.py); the standalone scripts' JSON (cpu_infonce, ...) has its own schema.
+        if "meta" in doc and "results" in doc and "device_name" in doc["meta"]:
             doc["_path"] = p.name
             docs.append(doc)
     return docs
