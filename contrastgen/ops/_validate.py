@@ -57,11 +57,7 @@ def check_feature_dim(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> 
                              f"{n} has shape {tuple(t.shape)}, {names[0]} has shape {tuple(tensors[0].shape)}")
 
 
-def check_positive_scalar(name: str, value, *, like: torch.Tensor | None = None, allow_zero: bool = False) -> torch.Tensor | float:
-    """A temperature / scale: a python number or a 0-d (or 1-element) floating tensor, finite and > 0.
-
-    Tensors are checked on the host only outside ``torch.compile`` (the check is a sync);
-    inside a compiled graph the value is trusted."""
+def _check_scalar_type(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
@@ -69,40 +65,37 @@ def check_positive_scalar(name: str, value, *, like: torch.Tensor | None = None,
             raise ValueError(f"{name} must be a scalar (one element), got shape {tuple(value.shape)}")
         if value.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating tensor, got dtype {value.dtype}")
-        if like is not None and value.device != like.device and value.device.type != "cpu":
-            raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
-        if _host_checkable(value):
-            _check_value(name, float(value.detach().reshape(())), allow_zero)
-        return value
-    _check_value(name, float(value), allow_zero)
-    return float(value)
 
 
-def _host_checkable(t: torch.Tensor) -> bool:
-    """Scalar tensors are value-checked only where that costs no device sync: CPU tensors
+def _host_value(value) -> float | None:
+    """The scalar's value where reading it costs no device sync: python numbers, and CPU tensors
     outside torch.compile.  A CUDA scale is trusted (a NaN there shows as a NaN loss)."""
-    return t.device.type == "cpu" and not _is_compiling()
+    if not isinstance(value, torch.Tensor):
+        return float(value)
+    if value.device.type == "cpu" and not _is_compiling():
+        return float(value.detach().reshape(()))
+    return None
 
 
-def _check_value(name: str, v: float, allow_zero: bool) -> None:
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+def check_positive_scalar(name: str, value, *, like: torch.Tensor | None = None, allow_zero: bool = False) -> torch.Tensor | float:
+    """A temperature / scale: a python number or a one-element floating tensor, finite and > 0 (>= 0
+    with ``allow_zero``).  Tensors keep their autograd; their value is checked where :func:`_host_value` can."""
+    _check_scalar_type(name, value)
+    if isinstance(value, torch.Tensor) and like is not None and value.device != like.device and value.device.type != "cpu":
+        raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
+    v = _host_value(value)
+    if v is not None and (not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero)):
         raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {v}")
+    return value if isinstance(value, torch.Tensor) else float(value)
 
 
 def check_finite_scalar(name: str, value) -> torch.Tensor | float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        raise TypeError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar (one element), got shape {tuple(value.shape)}")
-        if value.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor, got dtype {value.dtype}")
-        if _host_checkable(value) and not math.isfinite(float(value.detach().reshape(()))):
-            raise ValueError(f"{name} must be finite, got {value}")
-        return value
-    if not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    """A bias: a python number or a one-element floating tensor, finite."""
+    _check_scalar_type(name, value)
+    v = _host_value(value)
+    if v is not None and not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return value if isinstance(value, torch.Tensor) else float(value)
 
 
 def check_labels(name: str, labels, n: int, like: torch.Tensor) -> torch.Tensor:
