@@ -34,7 +34,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benches.harness import cpu_model, git  # noqa: E402
 
 CASES = {
     "dispersive_l2": dict(kind="dispersive", variant="infonce_l2", B=64, M=262_144, providers=("ref", "cpp", "cpp_mm")),
@@ -182,24 +182,6 @@ def _memory(case, provider, threads):
         return None
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    except OSError:
-        return None
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -246,8 +228,8 @@ def main(argv=None):
         load = os.getloadavg()[0]
     except OSError:
         load = None
-    meta = {"date": datetime.date.today().isoformat(), "device": _cpu_model(), "threads": a.threads,
-            "torch": torch.__version__, "triton": __import__("triton").__version__, "git_commit": _git_commit(),
+    meta = {"date": datetime.date.today().isoformat(), "device": cpu_model(), "threads": a.threads,
+            "torch": torch.__version__, "triton": __import__("triton").__version__, "git_commit": git("rev-parse", "HEAD") or None,
             "load_average_1min_at_end": load,
             "timing": "median of --reps repeats after one warm-up, providers interleaved; fwd and bwd timed "
                       "separately within each repeat, fwd_bwd = their sum",

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benches.harness import cpu_model, git  # noqa: E402
 
 PROVIDERS = ("ref", "cpp_core", "cpp_public")
 
@@ -170,24 +171,6 @@ def measure_memory(provider, n, d, threads):
 
 
 # ----------------------------------------------------------------------------------------------- metadata
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    except OSError:
-        return None
-
-
 def _versions():
     v = {"torch": torch.__version__, "python": platform.python_version()}
     try:
@@ -241,8 +224,8 @@ def main(argv=None):
     meta = {
         "benchmark": "symmetric CLIP loss, fp32, forward + backward, CPU",
         "date": datetime.date.today().isoformat(),
-        "device": _cpu_model(), "cpu_count": os.cpu_count(), "threads": args.threads,
-        "versions": _versions(), "git_commit": _git_commit(),
+        "device": cpu_model(), "cpu_count": os.cpu_count(), "threads": args.threads,
+        "versions": _versions(), "git_commit": git("rev-parse", "HEAD") or None,
         "load_average_start": load0, "load_average_end": os.getloadavg()[0],
         "timing": "median (and min) of interleaved repeats after one warm-up, time.perf_counter",
         "memory": "fresh subprocess per (provider, shape): rss_peak_mib = VmHWM growth over one fwd+bwd after "

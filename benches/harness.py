@@ -222,3 +222,26 @@ def available_bytes(device: str) -> int:
     except OSError:
         pass
     return 4 * 2**30
+
+
+# --------------------------------------------------------------------------- run metadata (shared by every bench script)
+def git(*args) -> str:
+    """``git ARGS`` in the repository, or "" where git is unavailable."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()

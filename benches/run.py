@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 import traceback
@@ -73,24 +72,6 @@ def parse_args(argv):
 
 
 # --------------------------------------------------------------------------- environment
-def _git(*args):
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-    except Exception:
-        return ""
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _version(dist):
     try:
         from importlib.metadata import version
@@ -102,7 +83,7 @@ def _version(dist):
 def device_name(device):
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return _cpu_model()
+    return H.cpu_model()
 
 
 def device_slug(device):
@@ -119,7 +100,7 @@ def metadata(args, argv, device, dtypes):
     meta = {
         "device": device,
         "device_name": device_name(device),
-        "cpu_model": _cpu_model(),
+        "cpu_model": H.cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda,
@@ -129,8 +110,8 @@ def metadata(args, argv, device, dtypes):
             "open_clip_torch": _version("open_clip_torch"), "pytorch_metric_learning": _version("pytorch-metric-learning"),
             "pykeops": _version("pykeops"), "inf_cl": _version("inf-cl"),
         },
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": H.git("rev-parse", "HEAD"),
+        "git_dirty": bool(H.git("status", "--porcelain", "--untracked-files=no")),
         "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "contrastgen bench " + " ".join(argv),
         "argv": list(argv),
