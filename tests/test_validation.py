@@ -119,3 +119,36 @@ def test_every_floating_argument_gets_a_gradient():
     q, bank = x4().requires_grad_(), x4(7, 3).requires_grad_()
     cg.info_nce(q, txt, temperature=tau, negatives=bank, backend="torch").backward()
     assert tau.grad is not None and bank.grad is not None and q.grad is not None
+
+
+def test_missing_cpp_extension_falls_back_to_reference(monkeypatch):
+    """A pure-Python install (CONTRASTGEN_SKIP_CPP=1 or no compiler): CPU ops run the reference, warning once."""
+    monkeypatch.delenv("CONTRASTGEN_BACKEND", raising=False)
+    monkeypatch.setitem(_dispatch._AVAILABILITY, "cpp", lambda: (False, "the C++ extension is not built"))
+    _dispatch._WARNED.discard("infonce_core:cpp")
+    img, txt = x4(6, 5), x4(6, 5)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = cg.clip_loss(img, txt, 10.0)
+        cg.clip_loss(img, txt, 10.0)
+    assert [str(x.message) for x in w if "not built" in str(x.message)] != []
+    assert sum("falls back" in str(x.message) for x in w) == 1
+    from contrastgen.reference import clip_loss_ref
+    torch.testing.assert_close(got, clip_loss_ref(img, txt, 10.0))
+    with pytest.raises(ValueError, match="not built"):
+        cg.clip_loss(img, txt, 10.0, backend="cpp")
+
+
+def test_setup_skips_extensions_on_request(monkeypatch):
+    import pathlib
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)                                           # setup.py globs csrc/ relative to cwd
+    monkeypatch.setenv("CONTRASTGEN_SKIP_CPP", "1")
+    src = (root / "setup.py").read_text().split("\nsetup(")[0]      # definitions only, do not run setup()
+    mod = type(sys)("_cg_setup")
+    exec(compile(src, str(root / "setup.py"), "exec"), mod.__dict__)
+    assert mod.extensions() == []
+    monkeypatch.delenv("CONTRASTGEN_SKIP_CPP")
+    names = sorted(e.name for e in mod.extensions())
+    assert names == sorted(f"contrastgen._cpp_{p.stem}" for p in (root / "csrc").glob("*.cpp")) and names
