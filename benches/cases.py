@@ -490,6 +490,10 @@ def build_provider(spec: OpSpec, provider: str, shape: dict, dtype: torch.dtype,
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(cfg, name):
                     setattr(cfg, name, max(64, getattr(cfg, name)))
+            # "bwd" mode replays one backward graph (retain_graph=True); AOTAutograd's donated buffers forbid that.
+            import torch._functorch.config as _fcfg
+            if hasattr(_fcfg, "donated_buffer"):
+                _fcfg.donated_buffer = False
             _COMPILED[key] = torch.compile(spec.ref_fn)
         fn = _COMPILED[key]
         return lambda inp: fn(*inp.args, **inp.kwargs)
