@@ -54,7 +54,6 @@ Design
 """
 from __future__ import annotations
 
-import itertools
 import os
 
 import torch
@@ -578,21 +577,27 @@ def infonce_fwd_workspace(n, m, d, itemsize, symmetric):
     return ("partials", part) if part <= budget else ("column_pass", 0)
 
 
+def _infonce_inputs(q, k, bank, scale, q_labels, k_labels):
+    """Kernel-ready inputs shared by the InfoNCE forward and backward launchers:
+    (q, k, bank or q as a dummy pointer, scale, q_labels, k_labels, has_labels, dtype flags)."""
+    q, k = _kernel_input(q), _kernel_input(k)
+    kb = 0 if bank is None else bank.shape[0]
+    bank_t = _kernel_input(bank) if kb else q
+    _check_int32_offsets(q.shape[1], q.shape[0], k.shape[0], kb)
+    ql, kl, has_labels = _labels(q_labels, k_labels, q)
+    return q, k, bank_t, _scalar(scale, q), ql, kl, has_labels, _dtype_flags(q)
+
+
 def infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric):
     """Fused InfoNCE forward: (row_loss (N,), col_loss (M,) or (0,), row_stats (N, 2), col_stats (M, 2) or (0, 2)).
 
     Symmetric: the column statistics come from the partial buffer or from the column pass, whichever
     ``infonce_fwd_workspace`` picks for this shape (both deterministic, equal up to fp32 rounding)."""
-    q, k = _kernel_input(q), _kernel_input(k)
+    q, k, bank_t, sc, ql, kl, has_labels, flags = _infonce_inputs(q, k, bank, scale, q_labels, k_labels)
     n, d = q.shape
     m = k.shape[0]
     kb = 0 if bank is None else bank.shape[0]
-    bank_t = _kernel_input(bank) if kb else q
-    _check_int32_offsets(d, n, m, kb)
-    flags = _dtype_flags(q)
-    ql, kl, has_labels = _labels(q_labels, k_labels, q)
     dev = q.device
-    sc = _scalar(scale, q)
     ex, ibn = int(bool(exclude_self)), int(bool(in_batch_negatives))
     path, _ = infonce_fwd_workspace(n, m, d, q.element_size(), symmetric)
     row_loss = torch.empty(n, dtype=torch.float32, device=dev)
@@ -627,16 +632,11 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_ne
     """Fused InfoNCE backward: (dq, dk, dbank or None, dscale 0-d float32)."""
     det = _deterministic(deterministic)
     dtypes = (q.dtype, k.dtype, None if bank is None else bank.dtype)
-    q, k = _kernel_input(q), _kernel_input(k)
+    q, k, bank_t, sc, ql, kl, has_labels, flags = _infonce_inputs(q, k, bank, scale, q_labels, k_labels)
     n, d = q.shape
     m = k.shape[0]
     kb = 0 if bank is None else bank.shape[0]
-    bank_t = _kernel_input(bank) if kb else q
-    _check_int32_offsets(d, n, m, kb)
-    flags = _dtype_flags(q)
-    ql, kl, has_labels = _labels(q_labels, k_labels, q)
     dev = q.device
-    sc = _scalar(scale, q)
     row_stats = row_stats.to(torch.float32).contiguous()
     g_row = g_row.to(torch.float32).contiguous()
     if symmetric:
@@ -674,7 +674,6 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_ne
 
 def siglip_fwd(q, k, scale, bias):
     """Fused SigLIP forward: row_loss (N,) float32 (the loss is row_loss.sum() / N)."""
-    dtypes = (q.dtype, k.dtype)
     q, k = _kernel_input(q), _kernel_input(k)
     n, d = q.shape
     m = k.shape[0]

@@ -164,14 +164,10 @@ def _triton_importable() -> bool:
 def _cpp_available() -> bool:
     """``contrastgen.ops._cpp_infonce`` imports and its compiled extension is there."""
     try:
-        mod = importlib.import_module("contrastgen.ops._cpp_infonce")
-    except Exception:  # noqa: BLE001 - not written yet, or its extension failed to load
+        from . import _cpp_infonce
+    except ImportError:
         return False
-    avail = getattr(mod, "available", None)
-    if avail is not None:
-        return bool(avail() if callable(avail) else avail)
-    from ._backends import cpp_extension
-    return cpp_extension("infonce") is not None
+    return bool(_cpp_infonce.available())
 
 
 def _register_backends() -> None:
