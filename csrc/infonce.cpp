@@ -34,6 +34,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -150,24 +151,24 @@ static void check_shape(const py::array& a, std::vector<py::ssize_t> shape, cons
     }
 }
 
-struct Flags {
-    bool labels, exclude_self, ibn, pml, symmetric;
-};
-
-// Masks of in-batch column j for global row gi (see core.py): positive / valid.
+// Masks of in-batch column j for global row gi (see core.py): positive / valid.  The label and self-exclusion
+// switches are template parameters (2026-11-24): as run-time flags the per-element mask kept the label paths
+// ~8x slower than the diagonal path (the vectorised loop evaluated every alternative under masks); the
+// epilogues are instantiated once per (labels, exclude_self) pair.
+template <bool LAB, bool EXCL>
 struct Masks {
     const int64_t* kl;
     int64_t qli;
     int64_t gi;
-    Flags f;
+    bool ibn;
     inline __attribute__((always_inline)) bool pos(int64_t j) const {
         const bool self = j == gi;
-        const bool p = f.labels ? (qli == kl[j]) : self;
-        return p && !(f.exclude_self && self);
+        const bool p = LAB ? (qli == kl[j]) : self;
+        return EXCL ? (p && !self) : p;
     }
     inline __attribute__((always_inline)) bool valid(int64_t j, bool p) const {
-        const bool self = j == gi;
-        return p || (f.ibn && !(f.exclude_self && self));
+        if (EXCL) return p || (ibn && j != gi);
+        return p || ibn;
     }
 };
 
@@ -178,9 +179,11 @@ struct Masks {
 //   row_loss (b,), row_stats (b, 2) outputs for this block
 //   col_state (4, m) float64, symmetric only: running [max, sum exp(x - max), sum of positive x, npos]
 //             (initialise to [-inf, 0, 0, 0]; finish with infonce_col_finalize)
-void infonce_fwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64arr q_labels, i64arr k_labels,
-                       bool has_labels, bool exclude_self, bool in_batch_negatives, bool pml, bool symmetric,
-                       f32arr row_loss, f32arr row_stats, f64arr col_state) {
+template <bool LAB, bool EXCL>
+static void infonce_fwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t m, i64arr& q_labels, i64arr& k_labels,
+                             bool in_batch_negatives, bool pml, bool symmetric, f32arr& row_loss, f32arr& row_stats,
+                             f64arr& col_state) {
+    constexpr bool has_labels = LAB, exclude_self = EXCL;
     check(S.ndim() == 2, "S must be 2-D");
     const int64_t b = S.shape(0), C = S.shape(1);
     check(m >= 0 && m <= C, "m must be in [0, S.shape[1]]");
@@ -194,7 +197,6 @@ void infonce_fwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64arr
         check(!pml && C == m && !exclude_self, "symmetric needs supcon, no bank and no exclude_self");
         check_shape(col_state, {4, m}, "col_state");
     }
-    const Flags f{has_labels, exclude_self, in_batch_negatives, pml, symmetric};
     // CLIP fast path: diagonal positives, every in-batch column valid, nothing excluded.
     const bool fast = !has_labels && !exclude_self && in_batch_negatives && !pml;
     const float scale = (float)scale_d;
@@ -227,7 +229,7 @@ void infonce_fwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64arr
         for (int64_t r = 0; r < b; ++r) {
             const float* x = Sp + r * C;
             const int64_t gi = row0 + r;
-            const Masks mk{kl, has_labels ? ql[gi] : 0, gi, f};
+            const Masks<LAB, EXCL> mk{kl, has_labels ? ql[gi] : 0, gi, in_batch_negatives};
             float mx = kNegInf;
             if (fast) {
                 if (symmetric) {
@@ -243,6 +245,15 @@ void infonce_fwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64arr
                         const float v = scale * x[j];
                         mx = v > mx ? v : mx;
                     }
+                }
+            } else if (!symmetric && !pml) {
+                // label / exclude_self rows: a separate loop without the column and pml alternatives, which kept
+                // GCC on the scalar fallback of the loop below (2026-11-24)
+#pragma omp simd reduction(max : mx)
+                for (int64_t j = 0; j < m; ++j) {
+                    const float v = scale * x[j];
+                    const float w = mk.valid(j, mk.pos(j)) ? v : kNegInf;
+                    mx = w > mx ? w : mx;
                 }
             } else {
 #pragma omp simd reduction(max : mx)
@@ -290,7 +301,7 @@ void infonce_fwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64arr
         for (int64_t r = 0; r < b; ++r) {
             const float* x = Sp + r * C;
             const int64_t gi = row0 + r;
-            const Masks mk{kl, has_labels ? ql[gi] : 0, gi, f};
+            const Masks<LAB, EXCL> mk{kl, has_labels ? ql[gi] : 0, gi, in_batch_negatives};
             const float mx = rowmax[r];
             float sum = 0.f, possum = 0.f, npos = 0.f;
             if (fast) {
@@ -318,6 +329,16 @@ void infonce_fwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64arr
                     possum = scale * x[gi];
                     npos = 1.f;
                     if (symmetric) cpos[gi] += possum, cnp[gi] += 1.f;
+                }
+            } else if (!symmetric && !pml) {
+#pragma omp simd reduction(+ : sum, possum, npos)
+                for (int64_t j = 0; j < m; ++j) {
+                    const float v = scale * x[j];
+                    const bool p = mk.pos(j);
+                    const float e = fast_exp(v - mx);
+                    sum += mk.valid(j, p) ? e : 0.f;
+                    possum += p ? v : 0.f;
+                    npos += p ? 1.f : 0.f;
                 }
             } else {
                 const float* cr = symmetric ? colref.data() : nullptr;
@@ -389,6 +410,20 @@ void infonce_fwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64arr
     }
 }
 
+void infonce_fwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64arr q_labels, i64arr k_labels,
+                       bool has_labels, bool exclude_self, bool in_batch_negatives, bool pml, bool symmetric,
+                       f32arr row_loss, f32arr row_stats, f64arr col_state) {
+    auto run = [&](auto lab, auto excl) {
+        infonce_fwd_impl<decltype(lab)::value, decltype(excl)::value>(S, scale_d, row0, m, q_labels, k_labels,
+                                                                      in_batch_negatives, pml, symmetric, row_loss,
+                                                                      row_stats, col_state);
+    };
+    using T = std::true_type;
+    using F = std::false_type;
+    if (has_labels) exclude_self ? run(T{}, T{}) : run(T{}, F{});
+    else exclude_self ? run(F{}, T{}) : run(F{}, F{});
+}
+
 // col_state (4, m) -> col_loss (m,), col_stats (m, 2)
 void infonce_col_finalize(f64arr col_state, f32arr col_loss, f32arr col_stats) {
     check(col_state.ndim() == 2 && col_state.shape(0) == 4, "col_state must have shape (4, m)");
@@ -412,10 +447,11 @@ void infonce_col_finalize(f64arr col_state, f32arr col_loss, f32arr col_stats) {
 // InfoNCE backward epilogue on one row block: S (b, C) raw dots in, scale * dS out.
 //   row_stats (b, 2), g_row (b,) for this block; col_lse / col_g / col_gp (m,) symmetric only:
 //   col_g = g_col where npos_c > 0 else 0, col_gp = col_g / npos_c.  Returns sum_ij dS_ij S_ij.
-double infonce_bwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64arr q_labels, i64arr k_labels,
-                         bool has_labels, bool exclude_self, bool in_batch_negatives, bool pml, bool symmetric,
-                         f32arr row_stats, f32arr g_row, f32arr col_lse, f32arr col_g, f32arr col_gp, f32arr col_cb,
-                         double col_ref) {
+template <bool LAB, bool EXCL>
+static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t m, i64arr& q_labels, i64arr& k_labels,
+                               bool in_batch_negatives, bool pml, bool symmetric, f32arr& row_stats, f32arr& g_row,
+                               f32arr& col_lse, f32arr& col_g, f32arr& col_gp, f32arr& col_cb, double col_ref) {
+    constexpr bool has_labels = LAB, exclude_self = EXCL;
     check(S.ndim() == 2, "S must be 2-D");
     const int64_t b = S.shape(0), C = S.shape(1);
     check(m >= 0 && m <= C, "m must be in [0, S.shape[1]]");
@@ -432,7 +468,6 @@ double infonce_bwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64a
         check_shape(col_gp, {m}, "col_gp");
         check_shape(col_cb, {m}, "col_cb");
     }
-    const Flags f{has_labels, exclude_self, in_batch_negatives, pml, symmetric};
     const bool fast = !has_labels && !exclude_self && in_batch_negatives && !pml;
     const float scale = (float)scale_d;
     float* Sp = S.mutable_data();
@@ -451,7 +486,7 @@ double infonce_bwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64a
     for (int64_t r = 0; r < b; ++r) {
         float* x = Sp + r * C;
         const int64_t gi = row0 + r;
-        const Masks mk{kl, has_labels ? ql[gi] : 0, gi, f};
+        const Masks<LAB, EXCL> mk{kl, has_labels ? ql[gi] : 0, gi, in_batch_negatives};
         const float lse = st[2 * r] <= -1e30f ? kNegInf : st[2 * r];
         const float npos = st[2 * r + 1];
         float acc = 0.f;
@@ -532,6 +567,17 @@ double infonce_bwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64a
                     acc -= gp * s_diag;
                     x[gi] -= scale * gp;
                 }
+            } else if (!symmetric) {
+                // label / exclude_self rows without columns (see the forward's note on separate loops)
+#pragma omp simd reduction(+ : acc)
+                for (int64_t j = 0; j < m; ++j) {
+                    const float s = x[j];
+                    const bool p = mk.pos(j);
+                    float d = mk.valid(j, p) ? gr * fast_exp(scale * s - lse) : 0.f;
+                    d -= p ? gp : 0.f;
+                    acc += d * s;
+                    x[j] = scale * d;
+                }
             } else {
 #pragma omp simd reduction(+ : acc)
                 for (int64_t j = 0; j < m; ++j) {
@@ -560,6 +606,21 @@ double infonce_bwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64a
         dscale += acc;
     }
     return dscale;
+}
+
+double infonce_bwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64arr q_labels, i64arr k_labels,
+                         bool has_labels, bool exclude_self, bool in_batch_negatives, bool pml, bool symmetric,
+                         f32arr row_stats, f32arr g_row, f32arr col_lse, f32arr col_g, f32arr col_gp, f32arr col_cb,
+                         double col_ref) {
+    auto run = [&](auto lab, auto excl) {
+        return infonce_bwd_impl<decltype(lab)::value, decltype(excl)::value>(
+            S, scale_d, row0, m, q_labels, k_labels, in_batch_negatives, pml, symmetric, row_stats, g_row, col_lse,
+            col_g, col_gp, col_cb, col_ref);
+    };
+    using T = std::true_type;
+    using F = std::false_type;
+    if (has_labels) return exclude_self ? run(T{}, T{}) : run(T{}, F{});
+    return exclude_self ? run(F{}, T{}) : run(F{}, F{});
 }
 
 // ----------------------------------------------------------------------------------------------------
