@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tolerance import assert_2x_torch, magnitude as _mag, max_err as _err
 from contrastgen.reference import core as R
 
 C = pytest.importorskip("contrastgen.ops._cpp_infonce")
@@ -34,22 +35,8 @@ def product(request, monkeypatch):
     yield request.param
 
 
-def _err(a, b):
-    if a is None or a.numel() == 0:
-        return 0.0
-    return (a.double() - b.double()).abs().max().item()
-
-
-def _mag(t):
-    return max(1.0, t.double().abs().max().item()) if t is not None and t.numel() else 1.0
-
-
 def assert_2x(name, got, ref64, ref_lowp, dtype, terms=1):
-    """|got - ref64| <= 2 |ref_lowp - ref64| + floor; ``terms``: a scalar that sums that many products (dscale,
-    dbias) gets a floor growing like sqrt(terms) (rounding of a long, cancelling sum)."""
-    e_got, e_torch = _err(got, ref64), _err(ref_lowp, ref64)
-    bound = 2 * e_torch + FLOOR[dtype] * _mag(ref64) * max(1.0, terms ** 0.5)
-    assert e_got <= bound, f"{name}: error {e_got:.3g} > 2 x torch error {e_torch:.3g} + floor = {bound:.3g}"
+    assert_2x_torch(name, got, ref64, ref_lowp, FLOOR[dtype], terms)
 
 
 # ----------------------------------------------------------------------------------------- dense references

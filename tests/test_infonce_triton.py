@@ -3,11 +3,11 @@
 Tolerance rule: the kernel's error against a float64 reference must be at most twice PyTorch's own
 error at the same precision (the reference evaluated in the input dtype) plus a small absolute floor.
 """
-import os
 
 import pytest
 import torch
 
+from _tolerance import assert_2x_torch, magnitude as _mag, max_err as _err
 import contrastgen
 from contrastgen import reference as ref
 
@@ -22,21 +22,8 @@ F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 FLOOR = {F32: 2e-5, BF16: 2e-2, F16: 4e-3}
 
 
-def _err(a, b):
-    if a is None or a.numel() == 0:
-        return 0.0
-    return (a.double() - b.double()).abs().max().item()
-
-
-def _scale_of(t):
-    return max(1.0, t.double().abs().max().item()) if t is not None and t.numel() else 1.0
-
-
 def assert_close_2x(name, got, ref64, ref_lowp, dtype):
-    """|got - ref64| <= 2 |ref_lowp - ref64| + floor (relative to the magnitude of ref64)."""
-    e_got, e_torch = _err(got, ref64), _err(ref_lowp, ref64)
-    bound = 2 * e_torch + FLOOR[dtype] * _scale_of(ref64)
-    assert e_got <= bound, f"{name}: kernel error {e_got:.3g} > 2 x torch error {e_torch:.3g} + floor ({bound:.3g})"
+    assert_2x_torch(name, got, ref64, ref_lowp, FLOOR[dtype])
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -91,7 +78,7 @@ def test_infonce_launchers_match_core_reference(case):
         assert torch.isfinite(a).all(), name
         # "-inf" (empty set) may be any value <= -1e30
         a = torch.where(b <= -1e30, torch.full_like(a, -1e30), a).clamp_min(-1e30)
-        assert _err(a, b) <= 2e-5 * _scale_of(b), (name, _err(a, b))
+        assert _err(a, b) <= 2e-5 * _mag(b), (name, _err(a, b))
     g_row = torch.randn(q.shape[0])
     g_col = torch.randn(k.shape[0]) if sym else None
     grads = K.infonce_bwd(q, k, bank, scale, ql, kl, ex, ibn, pml, sym, exp[2], exp[3], g_row, g_col)
@@ -103,7 +90,7 @@ def test_infonce_launchers_match_core_reference(case):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert torch.isfinite(a).all(), name
         # dscale sums N x M terms that cancel (each row of dS sums to ~0): a looser relative bound
-        tol = (2e-4 if name == "dscale" else 3e-5) * _scale_of(b)
+        tol = (2e-4 if name == "dscale" else 3e-5) * _mag(b)
         assert _err(a, b) <= tol, (name, _err(a, b))
 
 
@@ -127,7 +114,7 @@ def test_infonce_launchers_low_precision(case, dtype):
     out = K.infonce_fwd(q, k, bank, scale, ql, kl, ex, ibn, pml, sym)
     exp = ref.infonce_core_fwd_ref(q, k, bank, scale, ql, kl, ex, ibn, pml, sym)
     for a, b in zip(out[:2], exp[:2]):
-        assert _err(a, b) <= 1e-4 * _scale_of(b)  # fp32 accumulation of exactly representable products
+        assert _err(a, b) <= 1e-4 * _mag(b)  # fp32 accumulation of exactly representable products
     g_row = torch.randn(q.shape[0])
     g_col = torch.randn(k.shape[0]) if sym else None
     grads = K.infonce_bwd(q, k, bank, scale, ql, kl, ex, ibn, pml, sym, exp[2], exp[3], g_row, g_col)
@@ -136,7 +123,7 @@ def test_infonce_launchers_low_precision(case, dtype):
         if b is not None:
             assert a.dtype == b.dtype  # dq, dk, dbank in the input dtype; dscale float32
             # dS is rounded to the input dtype before the gradient matmuls, and the result is rounded once more
-            assert _err(a, b) <= FLOOR[dtype] * _scale_of(b), _err(a, b)
+            assert _err(a, b) <= FLOOR[dtype] * _mag(b), _err(a, b)
 
 
 @pytest.mark.parametrize("n,d", [(1, 3), (37, 130), (129, 64)])
@@ -145,13 +132,13 @@ def test_siglip_launchers_match_core_reference(n, d):
     scale, bias = torch.tensor(4.0), torch.tensor(-3.0)
     row = K.siglip_fwd(q, k, scale, bias)
     exp = ref.siglip_core_fwd_ref(q, k, scale, bias)
-    assert row.dtype == torch.float32 and _err(row, exp) <= 2e-5 * _scale_of(exp)
+    assert row.dtype == torch.float32 and _err(row, exp) <= 2e-5 * _mag(exp)
     g = torch.randn(n)
     for det in (False, True):
         got = K.siglip_bwd(q, k, scale, bias, g, deterministic=det)
         gexp = ref.siglip_core_bwd_ref(q, k, scale, bias, g)
         for a, b in zip(got, gexp):
-            assert _err(a, b) <= 1e-4 * _scale_of(b)
+            assert _err(a, b) <= 1e-4 * _mag(b)
 
 
 @pytest.mark.parametrize("case", [LAUNCHER_CASES[3], LAUNCHER_CASES[5], LAUNCHER_CASES[12]], ids=["sym", "pml", "bank"])
@@ -169,7 +156,7 @@ def test_deterministic_mode_is_reproducible(case, monkeypatch):
         if x is None:
             continue
         assert torch.equal(x, y)  # bitwise reproducible
-        assert _err(x, z) <= 1e-5 * _scale_of(z)  # same values as the atomic path
+        assert _err(x, z) <= 1e-5 * _mag(z)  # same values as the atomic path
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -335,7 +322,7 @@ def test_column_pass_matches_core_reference(case, dtype, force_column_pass):
         assert a.dtype == torch.float32 and a.shape == b.shape, name
         assert torch.isfinite(a).all(), name
         a = torch.where(b <= -1e30, torch.full_like(a, -1e30), a).clamp_min(-1e30)
-        assert _err(a, b) <= tol * _scale_of(b), (name, _err(a, b))
+        assert _err(a, b) <= tol * _mag(b), (name, _err(a, b))
 
 
 @pytest.mark.parametrize("case", [COLUMN_PASS_CASES[2], COLUMN_PASS_CASES[3]], ids=["supcon", "blocks"])
@@ -350,7 +337,7 @@ def test_column_pass_and_partials_agree(case, monkeypatch):
     col2 = K.infonce_fwd(q, k, bank, scale, ql, kl, ex, ibn, pml, sym)
     for a, b, c in zip(part, col, col2):
         assert torch.equal(b, c)  # deterministic
-        assert _err(a, b) <= 1e-6 * _scale_of(a)  # same values up to fp32 rounding
+        assert _err(a, b) <= 1e-6 * _mag(a)  # same values up to fp32 rounding
     assert torch.equal(part[0], col[0]) and torch.equal(part[2], col[2])  # the row pass is the same computation
 
 
