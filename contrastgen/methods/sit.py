@@ -291,15 +291,20 @@ def _velocity(model, x, t, y, cfg_scale):
     return model(x, tb, y)
 
 
+def _time_steps(steps: int):
+    """The (t0, t1) intervals of a uniform grid from t = 0 (noise) to t = 1 (data)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    ts = torch.linspace(0.0, 1.0, steps + 1).tolist()
+    return list(zip(ts[:-1], ts[1:]))
+
+
 @torch.no_grad()
 def sample_euler(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 50,
                  cfg_scale: float = 1.0) -> torch.Tensor:
     """Euler ODE solver from t = 0 (noise) to t = 1 (data): ``steps`` model evaluations (x2 batch with CFG)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    ts = torch.linspace(0.0, 1.0, steps + 1).tolist()
     x = noise
-    for t0, t1 in zip(ts[:-1], ts[1:]):
+    for t0, t1 in _time_steps(steps):
         x = x + (t1 - t0) * _velocity(model, x, t0, y, cfg_scale)
     return x
 
@@ -308,11 +313,8 @@ def sample_euler(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, *, step
 def sample_heun(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 25,
                 cfg_scale: float = 1.0) -> torch.Tensor:
     """Heun (explicit trapezoidal) ODE solver from t = 0 to t = 1: 2 * ``steps`` model evaluations."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    ts = torch.linspace(0.0, 1.0, steps + 1).tolist()
     x = noise
-    for t0, t1 in zip(ts[:-1], ts[1:]):
+    for t0, t1 in _time_steps(steps):
         dt = t1 - t0
         d0 = _velocity(model, x, t0, y, cfg_scale)
         x_pred = x + dt * d0
