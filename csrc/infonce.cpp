@@ -255,6 +255,15 @@ static void infonce_fwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t m,
                     const float w = mk.valid(j, mk.pos(j)) ? v : kNegInf;
                     mx = w > mx ? w : mx;
                 }
+            } else if (!symmetric) {
+                // pml rows: max over the negatives (valid, not positive), same separate-loop reason (2026-11-24)
+#pragma omp simd reduction(max : mx)
+                for (int64_t j = 0; j < m; ++j) {
+                    const float v = scale * x[j];
+                    const bool p = mk.pos(j);
+                    const float w = (mk.valid(j, p) && !p) ? v : kNegInf;
+                    mx = w > mx ? w : mx;
+                }
             } else {
 #pragma omp simd reduction(max : mx)
                 for (int64_t j = 0; j < m; ++j) {
@@ -340,6 +349,15 @@ static void infonce_fwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t m,
                     possum += p ? v : 0.f;
                     npos += p ? 1.f : 0.f;
                 }
+            } else if (!symmetric) {
+                // pml rows: sum of exp over the negatives; the positives only count here (softplus terms below)
+#pragma omp simd reduction(+ : sum, npos)
+                for (int64_t j = 0; j < m; ++j) {
+                    const bool p = mk.pos(j);
+                    const float e = fast_exp(scale * x[j] - mx);
+                    sum += (mk.valid(j, p) && !p) ? e : 0.f;
+                    npos += p ? 1.f : 0.f;
+                }
             } else {
                 const float* cr = symmetric ? colref.data() : nullptr;
 #pragma omp simd reduction(+ : sum, possum, npos)
@@ -366,11 +384,24 @@ static void infonce_fwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t m,
             const double lse = empty ? (double)kStoredNegInf : (double)mx + std::log((double)sum);
             float l = 0.f;
             if (pml) {
+                // sum over the positives of softplus(lse - s_ip); lse = -inf (no negatives): softplus(-inf) = 0.
+                // Without labels the only positive is the diagonal (none under exclude_self): one scalar term;
+                // with labels a branch-free vectorised pass over the row (2026-11-24: the scalar loop with a
+                // per-column branch was the bulk of the pml forward epilogue).
                 double acc = 0.0;
-                for (int64_t j = 0; j < m; ++j) {
-                    if (!mk.pos(j)) continue;
-                    // lse = -inf (no negatives): softplus(-inf) = 0
-                    if (!empty) acc += softplus_scalar(lse - (double)(scale * x[j]));
+                if (!empty) {
+                    if (!LAB) {
+                        if (!EXCL && gi < m) acc = softplus_scalar(lse - (double)(scale * x[gi]));
+                    } else {
+                        const float lsef = (float)lse;
+                        float facc = 0.f;
+#pragma omp simd reduction(+ : facc)
+                        for (int64_t j = 0; j < m; ++j) {
+                            const float sp = fast_softplus(lsef - scale * x[j]);
+                            facc += mk.pos(j) ? sp : 0.f;
+                        }
+                        acc = facc;
+                    }
                 }
                 l = (float)acc;
             } else if (npos > 0.f) {
@@ -492,29 +523,43 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
         float acc = 0.f;
         if (pml) {
             // r_ip = sigmoid(lse - x_ip); dS_ip = -g r_ip; dS_in = g (sum_p r_ip) exp(x_in - lse)
-            const float gr = g[r];
-            float rsum = 0.f;
-            for (int64_t j = 0; j < m; ++j)
-                if (mk.pos(j)) rsum += lse == kNegInf ? 0.f : sigmoid_scalar(lse - scale * x[j]);
-            const float gn = gr * rsum;
+            // lse = -inf (no negatives): every r_ip = 0 and there is no negative, so the whole row of dS is 0.
+            // Otherwise branch-free loops per (labels, exclude_self) instantiation (2026-11-24: the scalar
+            // coefficient loop and the run-time -inf tests kept this epilogue ~5x slower than supcon's).
+            if (lse == kNegInf) {
+#pragma omp simd
+                for (int64_t j = 0; j < C; ++j) x[j] = 0.f;
+            } else {
+                const float gr = g[r];
+                float rsum = 0.f;
+                if (!LAB) {
+                    if (!EXCL && gi < m) rsum = sigmoid_scalar(lse - scale * x[gi]);
+                } else {
+#pragma omp simd reduction(+ : rsum)
+                    for (int64_t j = 0; j < m; ++j) {
+                        const float rp = 1.0f / (1.0f + fast_exp(scale * x[j] - lse));  // sigmoid(lse - v)
+                        rsum += mk.pos(j) ? rp : 0.f;
+                    }
+                }
+                const float gn = gr * rsum;
 #pragma omp simd reduction(+ : acc)
-            for (int64_t j = 0; j < m; ++j) {
-                const float s = x[j];
-                const float v = scale * s;
-                const bool p = mk.pos(j);
-                const bool va = mk.valid(j, p);
-                const float e = fast_exp(v - lse);
-                const float rp = 1.0f / (1.0f + e);  // sigmoid(lse - v)
-                const float d = p ? -gr * (lse == kNegInf ? 0.f : rp) : ((va && lse != kNegInf) ? gn * e : 0.f);
-                acc += d * s;
-                x[j] = scale * d;
-            }
+                for (int64_t j = 0; j < m; ++j) {
+                    const float s = x[j];
+                    const bool p = mk.pos(j);
+                    const bool va = mk.valid(j, p);
+                    const float e = fast_exp(scale * s - lse);
+                    const float rp = 1.0f / (1.0f + e);  // sigmoid(lse - v)
+                    const float d = p ? -gr * rp : (va ? gn * e : 0.f);
+                    acc += d * s;
+                    x[j] = scale * d;
+                }
 #pragma omp simd reduction(+ : acc)
-            for (int64_t j = m; j < C; ++j) {
-                const float s = x[j];
-                const float d = lse == kNegInf ? 0.f : gn * fast_exp(scale * s - lse);
-                acc += d * s;
-                x[j] = scale * d;
+                for (int64_t j = m; j < C; ++j) {
+                    const float s = x[j];
+                    const float d = gn * fast_exp(scale * s - lse);
+                    acc += d * s;
+                    x[j] = scale * d;
+                }
             }
         } else {
             const float gr = npos > 0.f ? g[r] : 0.f;
