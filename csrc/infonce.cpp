@@ -86,6 +86,21 @@ static inline __attribute__((always_inline)) float fast_exp(float x) {
     return x < -87.0f ? 0.0f : res;
 }
 
+// Backward over the bank columns [m, C) of one row: never positive, always valid, so
+// dS_ij = coeff * exp(scale s_ij - lse).  Overwrites x with scale * dS and returns sum_j dS_ij s_ij (for dscale).
+static inline __attribute__((always_inline)) float bank_columns_ds(float* x, int64_t m, int64_t C, float coeff,
+                                                                   float scale, float lse) {
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = m; j < C; ++j) {
+        const float s = x[j];
+        const float d = coeff * fast_exp(scale * s - lse);
+        acc += d * s;
+        x[j] = scale * d;
+    }
+    return acc;
+}
+
 // log(u) for u in [1, 2] (Cephes logf after the frexp step).
 static inline __attribute__((always_inline)) float log_1_2(float u) {
     const bool big = u > 1.41421356237f;
@@ -553,13 +568,7 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
                     acc += d * s;
                     x[j] = scale * d;
                 }
-#pragma omp simd reduction(+ : acc)
-                for (int64_t j = m; j < C; ++j) {
-                    const float s = x[j];
-                    const float d = gn * fast_exp(scale * s - lse);
-                    acc += d * s;
-                    x[j] = scale * d;
-                }
+                acc += bank_columns_ds(x, m, C, gn, scale, lse);
             }
         } else {
             const float gr = npos > 0.f ? g[r] : 0.f;
@@ -640,13 +649,7 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
                     x[j] = scale * d;
                 }
             }
-#pragma omp simd reduction(+ : acc)
-            for (int64_t j = m; j < C; ++j) {
-                const float s = x[j];
-                const float d = gr * fast_exp(scale * s - lse);
-                acc += d * s;
-                x[j] = scale * d;
-            }
+            acc += bank_columns_ds(x, m, C, gr, scale, lse);
         }
         dscale += acc;
     }
