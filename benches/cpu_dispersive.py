@@ -66,7 +66,7 @@ class _MatmulPrims:
     def __init__(self, cpp):
         self.cpp = cpp
 
-    def gram(self, z, normalize=None):
+    def gram(self, z, normalize=None, deterministic=True):
         if normalize is not None:
             mean, rstd = normalize
             z = (z - mean[:, None, :]) * rstd[:, None, :]
@@ -78,7 +78,7 @@ class _MatmulPrims:
     def stream_wz(self, w, z, cov=None, eps=0.0):
         if cov is None:
             return torch.matmul(w.to(z.dtype), z)
-        return self.cpp.stream_wz(w, z, cov, eps)   # the fused batch-norm backward has no matmul form here
+        return self.cpp.stream_wz(w, z, cov=cov, eps=eps)   # the fused batch-norm backward has no matmul form here
 
     def pairs_fwd(self, *a):
         return self.cpp.pairs_fwd(*a)
@@ -137,16 +137,16 @@ def _fn_for(case, provider):
         return lambda x0: _run_once(f, x0)
     from contrastgen.ops import dispersive as D
     import contrastgen
-    cpp = D._prims("cpp")
-    mm = _MatmulPrims(cpp)
+    prims = D._prims
+    mm = _MatmulPrims(prims("cpp"))
     v = CASES[case]["variant"]
 
     def run(x0):
-        D._PRIMS["cpp"] = mm
+        D._prims = lambda backend: mm if backend == "cpp" else prims(backend)
         try:
             return _run_once(lambda z: contrastgen.dispersive_loss(z, variant=v, tau=0.5, backend="cpp"), x0)
         finally:
-            D._PRIMS["cpp"] = cpp
+            D._prims = prims
     return run
 
 

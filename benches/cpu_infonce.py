@@ -57,7 +57,7 @@ def _available(provider):
         return False
     if provider == "cpp_public":
         import contrastgen.ops as ops
-        return "cpp" in ops.implementations("infonce_core")
+        return "cpp" in ops.available_backends("infonce")
     return True
 
 

@@ -95,7 +95,7 @@ def device_slug(device):
 
 def metadata(args, argv, device, dtypes):
     import contrastgen
-    from contrastgen.ops import backend_available, implementations
+    from contrastgen.ops import BACKEND_TABLE, available_backends, backend_available
 
     meta = {
         "device": device,
@@ -118,8 +118,7 @@ def metadata(args, argv, device, dtypes):
         "quick": bool(args.quick),
         "dtypes": [str(d).replace("torch.", "") for d in dtypes],
         "backends": {b: dict(zip(("available", "why_not"), backend_available(b))) for b in ("cpp", "triton")},
-        "registered": {op: sorted(implementations(op)) for op in
-                       ("infonce_core", "siglip_core", "dispersive_loss", "uniformity", "patch_nce", "attention_nce")},
+        "registered": {op: sorted(available_backends(op)) for op in BACKEND_TABLE},
         "timing": ("CUDA events, L2 flushed before each call, median" if device == "cuda" else
                    "time.perf_counter, median of repeats after warm-up"),
         "memory_method": H.CUDA_MEMORY_METHOD if device == "cuda" else H.CPU_MEMORY_METHOD,

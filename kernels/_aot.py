@@ -12,7 +12,7 @@ Format of an entry (agreed between the kernel modules)::
     AotConfig(kernel="contrastgen.kernels.infonce:_infonce_fwd_kernel",   # "module:function" (or the function)
               signature={"q_ptr": "*bf16", "n": "i32", "scale": "fp32", "BLOCK_M": "constexpr", ...},
               constexprs={"BLOCK_M": 128, ...},
-              num_warps=8, num_stages=3)
+              num_warps=8, num_stages=3, archs=(90,))   # archs: where the launchers launch it
 
 ``signature`` lists every argument of the kernel in order, constexprs included (type ``"constexpr"``).
 Pointer arguments are compiled as 16-byte aligned (what the Triton launcher specializes on for
@@ -49,6 +49,7 @@ class AotConfig:
     num_warps: int = 4
     num_stages: int = 2
     divisible_by_16: Tuple[str, ...] = ()   # integer arguments compiled as multiples of 16
+    archs: Tuple[int, ...] = ARCHS          # the architectures the launchers launch this config on
 
     @property
     def kernel_path(self) -> str:
@@ -64,7 +65,8 @@ class AotConfig:
 
     def to_json(self) -> dict:
         return {"kernel": self.kernel_path, "signature": dict(self.signature), "constexprs": dict(self.constexprs),
-                "num_warps": self.num_warps, "num_stages": self.num_stages, "divisible_by_16": list(self.divisible_by_16)}
+                "num_warps": self.num_warps, "num_stages": self.num_stages, "divisible_by_16": list(self.divisible_by_16),
+                "archs": list(self.archs)}
 
 
 def _unwrap(fn):
@@ -159,10 +161,13 @@ def all_configs(package: str = "contrastgen.kernels") -> List[Tuple[str, AotConf
 
 
 def report(arch, package: str = "contrastgen.kernels") -> List[dict]:
-    """Compile every shipped config for ``arch``; one dict per config (errors are reported, not raised)."""
+    """Compile every shipped config launched on ``arch`` (``arch in cfg.archs``); one dict per config (errors are
+    reported, not raised)."""
     arch = _arch_int(arch)
     rows = []
     for modname, cfg in all_configs(package):
+        if arch not in cfg.archs:
+            continue
         row = {"module": modname, "config": cfg.describe(), "arch": arch, **cfg.to_json()}
         try:
             row["registers"], row["spill_bytes"], row["shared_mem"] = compile_config(cfg, arch)

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import contrastgen
+from contrastgen.ops import available_backends
 from contrastgen.ops import dispersive as D
 from contrastgen.reference import dispersive_loss_ref, uniformity_ref
 
-BACKENDS = list(D.AVAILABLE_BACKENDS)
+BACKENDS = available_backends("dispersive")
 VARIANTS = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
 
 

@@ -337,7 +337,7 @@ def test_non_contiguous_inputs_are_accepted():
 
 # ----------------------------------------------------------------------------------------------- public API
 _ops = pytest.importorskip("contrastgen.ops")
-_HAVE_OPS = "cpp" in _ops.implementations("infonce_core")
+_HAVE_OPS = "cpp" in _ops.available_backends("infonce")
 needs_ops = pytest.mark.skipif(not _HAVE_OPS, reason="contrastgen/ops/infonce.py does not register the 'cpp' core")
 
 

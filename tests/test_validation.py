@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import contrastgen as cg
-from contrastgen.ops import _dispatch
+from contrastgen.ops import _backends, _dispatch
 
 x4 = lambda n=4, d=3, **kw: torch.randn(n, d, **kw)  # noqa: E731
 
@@ -88,7 +88,7 @@ def test_device_mismatch_is_named():
 
 def test_env_backend_and_explicit_backend(monkeypatch):
     monkeypatch.setenv("CONTRASTGEN_BACKEND", "torch")
-    assert _dispatch.resolve_backend("infonce_core", None, torch.device("cpu")) == "torch"
+    assert _dispatch.resolve_backend("infonce", None, torch.device("cpu")) == "torch"
     monkeypatch.setenv("CONTRASTGEN_BACKEND", "bogus")
     with pytest.raises(ValueError, match="backend"):
         cg.clip_loss(x4(), x4(), 10.0)
@@ -124,8 +124,8 @@ def test_every_floating_argument_gets_a_gradient():
 def test_missing_cpp_extension_falls_back_to_reference(monkeypatch):
     """A pure-Python install (CONTRASTGEN_SKIP_CPP=1 or no compiler): CPU ops run the reference, warning once."""
     monkeypatch.delenv("CONTRASTGEN_BACKEND", raising=False)
-    monkeypatch.setitem(_dispatch._AVAILABILITY, "cpp", lambda: (False, "the C++ extension is not built"))
-    _dispatch._WARNED.discard("infonce_core:cpp")
+    monkeypatch.setitem(_backends.PROBES, "cpp", lambda op: (False, "the C++ extension is not built"))
+    _dispatch._WARNED.discard("infonce:cpp")
     img, txt = x4(6, 5), x4(6, 5)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")

@@ -1,57 +1,37 @@
-"""Backend selection for every contrastgen op.
+"""Backend selection for every contrastgen op (the table itself is in ``_backends.py``).
 
-Order of precedence: the explicit ``backend=`` argument, then the
-``CONTRASTGEN_BACKEND`` environment variable, then the device default
-(Triton for CUDA tensors, the C++ kernel for CPU tensors, the PyTorch
-reference for anything else).  A backend that is the *default* but is not
-available (no compiled extension, no Triton, or no fused implementation of
-this op yet) falls back to the reference with a one-time warning; a backend
-that was asked for explicitly and cannot run raises.
+Order of precedence: the explicit ``backend=`` argument, then the ``CONTRASTGEN_BACKEND`` environment
+variable, then the device default (Triton for CUDA tensors, the C++ kernel for CPU tensors, the PyTorch
+reference for anything else).  A backend that is the *default* but cannot run (no compiled extension, no
+Triton, or no fused launcher of this op) falls back to the reference with a one-time warning; a backend that
+was asked for explicitly and cannot run raises.
 """
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Dict
+from typing import List
 
 import torch
 
-BACKENDS = ("triton", "cpp", "torch")
+from . import _backends
 
-# op name -> backend name -> implementation
-_IMPLS: Dict[str, Dict[str, Callable]] = {}
-# backend name -> callable returning (available: bool, why_not: str)
-_AVAILABILITY: Dict[str, Callable[[], tuple]] = {}
+BACKENDS = ("triton", "cpp", "torch")
 _WARNED: set = set()
 
 
-def register(op: str, backend: str):
-    """Decorator: register ``fn`` as the ``backend`` implementation of ``op``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-
-    def deco(fn):
-        _IMPLS.setdefault(op, {})[backend] = fn
-        return fn
-
-    return deco
-
-
-def register_availability(backend: str, probe: Callable[[], tuple]) -> None:
-    _AVAILABILITY[backend] = probe
-
-
-def backend_available(backend: str) -> tuple:
+def backend_available(backend: str, op: str = "infonce") -> tuple:
+    """(available, why not) of ``backend`` for ``op`` on this installation (device aside)."""
     if backend == "torch":
         return True, ""
-    probe = _AVAILABILITY.get(backend)
-    if probe is None:
-        return False, f"backend {backend!r} is not installed"
-    return probe()
+    if backend not in _backends.BACKEND_TABLE.get(op, {}):
+        return False, f"op {op!r} has no {backend!r} implementation yet"
+    return _backends.PROBES[backend](op)
 
 
-def implementations(op: str) -> Dict[str, Callable]:
-    return dict(_IMPLS.get(op, {}))
+def available_backends(op: str) -> List[str]:
+    """The fused backends that can run ``op`` on this installation (device aside)."""
+    return [b for b in _backends.BACKEND_TABLE.get(op, {}) if backend_available(b, op)[0]]
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -61,7 +41,9 @@ def _warn_once(key: str, msg: str) -> None:
 
 
 def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
-    """Return the backend name that will run ``op`` for tensors on ``device``."""
+    """Return the backend name that will run ``op`` (a row of the backend table) for tensors on ``device``."""
+    if op not in _backends.BACKEND_TABLE:
+        raise ValueError(f"unknown op {op!r}; expected one of {sorted(_backends.BACKEND_TABLE)}")
     explicit = backend is not None
     if backend is None:
         env = os.environ.get("CONTRASTGEN_BACKEND", "").strip().lower()
@@ -74,23 +56,12 @@ def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
         backend = {"cuda": "triton", "cpu": "cpp"}.get(device.type, "torch")
     if backend == "torch":
         return backend
-    impls = _IMPLS.get(op, {})
-    if backend not in impls:
-        ok, why = False, f"op {op!r} has no {backend!r} implementation yet"
-    else:
-        ok, why = backend_available(backend)
-    if ok and backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        ok, why = False, "Triton needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
-    if ok and backend == "cpp" and device.type != "cpu":
-        ok, why = False, f"the C++ backend runs on CPU tensors, got device {device}"
+    ok, why = backend_available(backend, op)
+    if ok:
+        ok, why = _backends.device_supported(backend, device)
     if ok:
         return backend
     if explicit:
         raise ValueError(f"backend={backend!r} cannot run {op!r} on {device}: {why}")
     _warn_once(f"{op}:{backend}", f"contrastgen: {why}; {op} falls back to the PyTorch reference")
     return "torch"
-
-
-def dispatch(op: str, backend: str | None, device: torch.device) -> Callable:
-    name = resolve_backend(op, backend, device)
-    return _IMPLS[op][name]

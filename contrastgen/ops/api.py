@@ -1,8 +1,9 @@
 """The public losses: validate, pick a backend, run it.
 
-Fused backends plug in under two op names with a shared contract (``contrastgen/reference/core.py``):
-``"infonce_core"`` and ``"siglip_core"``; the dispersive family under ``"dispersive_loss"`` and
-``"uniformity"``.  The ``"torch"`` backend runs the dense references in ``contrastgen.reference``.
+Each public function resolves the backend of its op (the table in ``_backends.py``: ``"infonce"``,
+``"siglip"``, ``"dispersive"``, ``"uniformity"``, ...) and calls the op's core (``infonce_core`` ... in
+``infonce.py`` / ``dispersive.py``) with it; the ``"torch"`` backend runs the dense references in
+``contrastgen.reference``.  The contract of the InfoNCE / SigLIP cores is ``contrastgen/reference/core.py``.
 """
 from __future__ import annotations
 
@@ -13,17 +14,13 @@ import torch.nn.functional as F
 
 from .. import reference as ref
 from . import _validate as V
-from ._dispatch import implementations, resolve_backend
+from ._dispatch import resolve_backend
+from .dispersive import dispersive_core, uniformity_core
+from .infonce import infonce_core, siglip_core
 
 POSITIVES = ("diagonal", "supcon", "pml")
 REDUCTIONS = ("none", "mean", "sum")
 DISPERSIVE_VARIANTS = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
-
-
-def _core(op: str, backend: str | None, device: torch.device):
-    """The fused implementation of ``op`` for ``device``, or None for the reference."""
-    name = resolve_backend(op, backend, device)
-    return None if name == "torch" else implementations(op)[name]
 
 
 def _zero_grad_anchor(loss: torch.Tensor, *tensors) -> torch.Tensor:
@@ -87,8 +84,8 @@ def info_nce(query, key=None, *, temperature=0.07, labels=None, key_labels=None,
         if reduction == "none" and m != n:
             raise ValueError(f"symmetric=True with reduction='none' needs N == M, got query {tuple(query.shape)}, key {tuple(key.shape)}")
 
-    core = _core("infonce_core", backend, query.device)
-    if core is None:
+    name = resolve_backend("infonce", backend, query.device)
+    if name == "torch":
         return ref.info_nce_ref(query, key, temperature=temperature, labels=labels, key_labels=key_labels,
                                 positives=positives, negatives=negatives, in_batch_negatives=in_batch_negatives,
                                 symmetric=symmetric, reduction=reduction)
@@ -98,7 +95,7 @@ def info_nce(query, key=None, *, temperature=0.07, labels=None, key_labels=None,
     ql = None if positives == "diagonal" else labels
     kl = None if positives == "diagonal" else (labels if exclude_self else key_labels)
     pml = positives == "pml"
-    row, col, row_stats, col_stats = core(query, k, negatives, scale, ql, kl, exclude_self, in_batch_negatives,
+    row, col, row_stats, col_stats = infonce_core(name, query, k, negatives, scale, ql, kl, exclude_self, in_batch_negatives,
                                           pml, symmetric)
     row_count = row_stats[:, 1].sum() if pml else (row_stats[:, 1] > 0).sum()
     loss = _reduce(row, row_count, reduction)
@@ -134,11 +131,11 @@ def clip_loss(image, text, logit_scale, logit_bias=None, *, backend=None):
     logit_scale = V.check_positive_scalar("logit_scale", logit_scale, like=image)
     if logit_bias is not None:
         logit_bias = V.check_finite_scalar("logit_bias", logit_bias)
-    core = _core("infonce_core", backend, image.device)
-    if core is None:
+    name = resolve_backend("infonce", backend, image.device)
+    if name == "torch":
         return ref.clip_loss_ref(image, text, logit_scale, logit_bias)
     scale = V.to_scalar_tensor(logit_scale, image)
-    row, col, _, _ = core(image, text, None, scale, None, None, False, True, False, True)
+    row, col, _, _ = infonce_core(name, image, text, None, scale, None, None, False, True, False, True)
     loss = 0.5 * (row.mean() + col.mean())
     return _zero_grad_anchor(loss, logit_bias).to(image.dtype)
 
@@ -148,10 +145,10 @@ def siglip_loss(image, text, logit_scale, logit_bias, *, backend=None):
     _check_pair(image, text)
     logit_scale = V.check_positive_scalar("logit_scale", logit_scale, like=image)
     logit_bias = V.check_finite_scalar("logit_bias", logit_bias)
-    core = _core("siglip_core", backend, image.device)
-    if core is None:
+    name = resolve_backend("siglip", backend, image.device)
+    if name == "torch":
         return ref.siglip_loss_ref(image, text, logit_scale, logit_bias)
-    row = core(image, text, V.to_scalar_tensor(logit_scale, image), V.to_scalar_tensor(logit_bias, image))
+    row = siglip_core(name, image, text, V.to_scalar_tensor(logit_scale, image), V.to_scalar_tensor(logit_bias, image))
     return (row.sum() / image.shape[0]).to(image.dtype)
 
 
@@ -163,14 +160,14 @@ def nt_xent(z1, z2, *, temperature=0.5, backend=None):
     if z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must have the same shape (N, D): z1 {tuple(z1.shape)}, z2 {tuple(z2.shape)}")
     temperature = V.check_positive_scalar("temperature", temperature, like=z1)
-    core = _core("infonce_core", backend, z1.device)
-    if core is None:
+    name = resolve_backend("infonce", backend, z1.device)
+    if name == "torch":
         return ref.nt_xent_ref(z1, z2, temperature)
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2], 0), dim=1)
     labels = torch.arange(n, device=z.device).repeat(2)
     scale = 1.0 / V.to_scalar_tensor(temperature, z1)
-    row, _, _, _ = core(z, z, None, scale, labels, labels, True, True, False, False)
+    row, _, _, _ = infonce_core(name, z, z, None, scale, labels, labels, True, True, False, False)
     return row.mean().to(z1.dtype)
 
 
@@ -189,11 +186,11 @@ def dispersive_loss(z, *, variant="infonce_l2", tau=0.5, margin=1.0, grouped=Fal
     z3 = z if grouped else z.unsqueeze(0)
     if variant == "covariance" and z3.shape[1] < 2:
         raise ValueError(f"variant='covariance' needs at least 2 samples per group, got z of shape {tuple(z.shape)}")
-    core = _core("dispersive_loss", backend, z.device)
-    if core is None:
+    name = resolve_backend("dispersive", backend, z.device)
+    if name == "torch":
         out = ref.dispersive_loss_ref(z3, variant=variant, tau=tau, margin=margin, grouped=True)
     else:
-        out = core(z3.reshape(z3.shape[0], z3.shape[1], -1), variant, tau, margin).to(z.dtype)
+        out = dispersive_core(name, z3.reshape(z3.shape[0], z3.shape[1], -1), variant, tau, margin).to(z.dtype)
     return out if grouped else out[0]
 
 
@@ -203,10 +200,10 @@ def uniformity(x, *, t=2.0, backend=None):
     t = V.check_positive_scalar("t", t)
     if x.shape[0] < 2:
         raise ValueError(f"uniformity needs at least 2 samples, got x of shape {tuple(x.shape)}")
-    core = _core("uniformity", backend, x.device)
-    if core is None:
+    name = resolve_backend("uniformity", backend, x.device)
+    if name == "torch":
         return ref.uniformity_ref(x, t=t)
-    return core(x.reshape(x.shape[0], -1), t).to(x.dtype)
+    return uniformity_core(name, x.reshape(x.shape[0], -1), t).to(x.dtype)
 
 
 def alignment(x, y, *, alpha=2.0):

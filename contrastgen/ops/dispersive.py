@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backends import cpp_extension
-from ._dispatch import register
+from ._backends import launcher
 
 # Path switch (module attributes: tests override them).
 GRAM_PATH_MAX_B = 512
@@ -45,117 +44,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# --------------------------------------------------------------------------------------- backend primitives
-class _TritonPrims:
-    @staticmethod
-    def mod():
-        from contrastgen.kernels import dispersive as k
-        return k
-
-    def gram(self, z, normalize=None):
-        return self.mod().gram(z, normalize=normalize, deterministic=DETERMINISTIC_GRAM)
-
-    def colstats(self, z, eps):
-        return self.mod().colstats(z, eps)
-
-    def stream_wz(self, w, z, cov=None, eps=0.0):
-        return self.mod().stream_wz(w, z, cov=cov, eps=eps)
-
-    def pairs_fwd(self, x, mode, alpha, margin, exclude_diag):
-        return self.mod().pairs_fwd(x, mode, alpha, margin, exclude_diag)
-
-    def pairs_bwd(self, x, lse, gout, mode, alpha, margin, hscale, exclude_diag):
-        return self.mod().pairs_bwd(x, lse, gout, mode, alpha, margin, hscale, exclude_diag)
-
-
-def _np_view(t: Tensor):
-    """Zero-copy numpy view; bf16 / fp16 travel as int16 bits (the C++ side converts)."""
-    t = t.detach().contiguous()
-    if t.dtype in (torch.bfloat16, torch.float16):
-        return t.view(torch.int16).numpy()
-    return t.numpy()
-
-
-_CPP_DTYPE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-
-
-class _CppPrims:
-    """C++ (OpenMP) kernels; all outputs in the accumulation dtype, cast back to the input dtype here."""
-
-    def __init__(self, ext):
-        self.ext = ext
-
-    def gram(self, z, normalize=None):
-        z = z.contiguous()
-        G, B, M = z.shape
-        acc = _acc_dtype(z.dtype)
-        out = torch.empty((G, B, B), dtype=acc)
-        if normalize is None:
-            mean = rstd = torch.empty((G, 0), dtype=acc)
-        else:
-            mean, rstd = (t.to(acc).contiguous() for t in normalize)
-        self.ext.gram(_np_view(z), _CPP_DTYPE[z.dtype], G, B, M, _np_view(mean), _np_view(rstd),
-                      normalize is not None, out.numpy())
-        return out
-
-    def colstats(self, z, eps):
-        z = z.contiguous()
-        G, B, M = z.shape
-        acc = _acc_dtype(z.dtype)
-        mean = torch.empty((G, M), dtype=acc)
-        rstd = torch.empty((G, M), dtype=acc)
-        self.ext.colstats(_np_view(z), _CPP_DTYPE[z.dtype], G, B, M, float(eps), mean.numpy(), rstd.numpy())
-        return mean, rstd
-
-    def stream_wz(self, w, z, cov=None, eps=0.0):
-        z = z.contiguous()
-        G, B, M = z.shape
-        acc = _acc_dtype(z.dtype)
-        w = w.to(acc).contiguous()
-        dz = torch.empty((G, B, M), dtype=acc)
-        if cov is None:
-            mean = rstd = dg = torch.empty((G, 0), dtype=acc)
-        else:
-            mean, rstd, dg = (t.to(acc).contiguous() for t in cov)
-        self.ext.stream_wz(w.numpy(), _np_view(z), _CPP_DTYPE[z.dtype], G, B, M, _np_view(mean), _np_view(rstd),
-                           _np_view(dg), cov is not None, float(eps), dz.numpy())
-        return dz.to(z.dtype)
-
-    def pairs_fwd(self, x, mode, alpha, margin, exclude_diag):
-        x = x.contiguous()
-        G, N, D = x.shape
-        out = torch.empty((G, N), dtype=_acc_dtype(x.dtype))
-        self.ext.pairs_fwd(_np_view(x), _CPP_DTYPE[x.dtype], G, N, D, int(mode), float(alpha), float(margin),
-                           bool(exclude_diag), out.numpy())
-        return out
-
-    def pairs_bwd(self, x, lse, gout, mode, alpha, margin, hscale, exclude_diag):
-        x = x.contiguous()
-        G, N, D = x.shape
-        acc = _acc_dtype(x.dtype)
-        dx = torch.empty((G, N, D), dtype=acc)
-        self.ext.pairs_bwd(_np_view(x), _CPP_DTYPE[x.dtype], G, N, D, _np_view(lse.to(acc)), _np_view(gout.to(acc)),
-                           int(mode), float(alpha), float(margin), float(hscale), bool(exclude_diag), dx.numpy())
-        return dx.to(x.dtype)
-
-
-_PRIMS = {}
-
-
 def _prims(backend: str):
-    p = _PRIMS.get(backend)
-    if p is None:
-        if backend == "triton":
-            p = _TritonPrims()
-        elif backend == "cpp":
-            ext = cpp_extension("dispersive")
-            if ext is None:
-                raise RuntimeError("contrastgen._cpp_dispersive is not built")
-            p = _CppPrims(ext)
-        else:
-            raise ValueError(f"unknown fused backend {backend!r}")
-        _PRIMS[backend] = p
-    return p
+    """The launcher module of ``backend`` (``contrastgen.kernels.dispersive`` or ``contrastgen.ops._cpp_dispersive``):
+    the primitives ``gram``, ``colstats``, ``stream_wz``, ``pairs_fwd``, ``pairs_bwd`` with one signature."""
+    return launcher("dispersive", backend)
 
 
 # ------------------------------------------------------------------------------------------- B x B epilogue
@@ -236,10 +128,10 @@ def dispersive_fwd(z: Tensor, variant: str, tau: float, margin: float, backend: 
     if path == "gram":
         if variant == "covariance":
             mean, rstd = P.colstats(z, BN_EPS)
-            gram = P.gram(z, (mean, rstd))
+            gram = P.gram(z, normalize=(mean, rstd), deterministic=DETERMINISTIC_GRAM)
             stats = torch.stack([mean, rstd], 1)
         else:
-            gram = P.gram(z)
+            gram = P.gram(z, deterministic=DETERMINISTIC_GRAM)
             stats = empty
         return gram_loss(gram, variant, tau, margin, M, stats), gram, stats
     mode, alpha, mg, hscale = _tiled_params(variant, tau, margin, B, M)
@@ -269,7 +161,7 @@ def dispersive_bwd(grad: Tensor, z: Tensor, loss: Tensor, aux: Tensor, stats: Te
         w = gram_weights(aux, loss, grad, variant, tau, margin, M)
         if variant == "covariance":
             dg = grad.to(aux.dtype) * (-4.0 / B)
-            return P.stream_wz(w, z, (stats[:, 0], stats[:, 1], dg), BN_EPS)
+            return P.stream_wz(w, z, cov=(stats[:, 0], stats[:, 1], dg), eps=BN_EPS)
         return P.stream_wz(w, z)
     mode, alpha, mg, hscale = _tiled_params(variant, tau, margin, B, M)
     lse = torch.logsumexp(aux, -1) if mode != MODE_HINGE else torch.zeros_like(loss)
@@ -338,41 +230,19 @@ def _uniformity_backward(ctx, grad_loss, grad_rows):
 uniformity_fwd.register_autograd(_uniformity_backward, setup_context=_uniformity_setup)
 
 
-# ------------------------------------------------------------------------------------------ registration
-def _make_dispersive_impl(backend: str):
-    def impl(z3: Tensor, variant: str, tau: float, margin: float) -> Tensor:
-        G, B, M = z3.shape
-        path = choose_path(B, M, variant)
-        z = z3.contiguous()
-        if path == "tiled" and variant == "infonce_cosine":
-            z = F.normalize(z.to(_acc_dtype(z.dtype)), dim=-1)
-        loss, _, _ = torch.ops.contrastgen.dispersive_fwd(z, variant, float(tau), float(margin), backend, path)
-        return loss.float() if loss.dtype != torch.float64 else loss
-    impl.__name__ = f"dispersive_loss_{backend}"
-    return impl
+# ------------------------------------------------------------------------------------------------- cores
+def dispersive_core(backend: str, z3: Tensor, variant: str, tau: float, margin: float) -> Tensor:
+    """Loss (G,) of z3 (G, B, M) on a fused ``backend``, float32 (float64 for float64 input)."""
+    G, B, M = z3.shape
+    path = choose_path(B, M, variant)
+    z = z3.contiguous()
+    if path == "tiled" and variant == "infonce_cosine":
+        z = F.normalize(z.to(_acc_dtype(z.dtype)), dim=-1)
+    loss, _, _ = torch.ops.contrastgen.dispersive_fwd(z, variant, float(tau), float(margin), backend, path)
+    return loss.float() if loss.dtype != torch.float64 else loss
 
 
-def _make_uniformity_impl(backend: str):
-    def impl(x: Tensor, t: float) -> Tensor:
-        loss, _ = torch.ops.contrastgen.uniformity_fwd(x.contiguous(), float(t), backend)
-        return loss.float() if loss.dtype != torch.float64 else loss
-    impl.__name__ = f"uniformity_{backend}"
-    return impl
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-AVAILABLE_BACKENDS = []
-if _triton_importable():
-    AVAILABLE_BACKENDS.append("triton")
-if cpp_extension("dispersive") is not None:
-    AVAILABLE_BACKENDS.append("cpp")
-for _b in AVAILABLE_BACKENDS:
-    register("dispersive_loss", _b)(_make_dispersive_impl(_b))
-    register("uniformity", _b)(_make_uniformity_impl(_b))
+def uniformity_core(backend: str, x: Tensor, t: float) -> Tensor:
+    """Uniformity (0-d) of x (N, D) on a fused ``backend``, float32 (float64 for float64 input)."""
+    loss, _ = torch.ops.contrastgen.uniformity_fwd(x.contiguous(), float(t), backend)
+    return loss.float() if loss.dtype != torch.float64 else loss

@@ -5,29 +5,17 @@ Call chain: ``_infonce_fwd_kernel`` (Triton, ``contrastgen.kernels.infonce``) or
 fake and autograd registrations) -> the registered core ``infonce_core`` -> public ``contrastgen.info_nce``
 / ``clip_loss`` / ``nt_xent`` (``contrastgen/ops/api.py``).  Same for SigLIP.
 
-Every op takes a ``backend`` string ("triton" or "cpp"); both implementations have the launcher
-signatures of ``contrastgen/reference/core.py``.  The C++ module is imported lazily inside the op.
+Every op takes a ``backend`` string ("triton" or "cpp"); the launcher module of each backend comes from the
+backend table (``contrastgen/ops/_backends.py``) and has the signatures of ``contrastgen/reference/core.py``.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._dispatch import register
-
-_BACKENDS = ("triton", "cpp")
-
-
-def _impl(backend: str):
-    if backend == "triton":
-        return importlib.import_module("contrastgen.kernels.infonce")
-    if backend == "cpp":
-        return importlib.import_module("contrastgen.ops._cpp_infonce")
-    raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+from ._backends import launcher
 
 
 def _f32(*shape, like: Tensor) -> Tensor:
@@ -39,7 +27,7 @@ def _f32(*shape, like: Tensor) -> Tensor:
 def infonce_fwd(q: Tensor, k: Tensor, bank: Optional[Tensor], scale: Tensor, q_labels: Optional[Tensor],
                 k_labels: Optional[Tensor], exclude_self: bool, in_batch_negatives: bool, pml: bool, symmetric: bool,
                 backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    row, col, row_stats, col_stats = _impl(backend).infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self,
+    row, col, row_stats, col_stats = launcher("infonce", backend).infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self,
                                                                 in_batch_negatives, pml, symmetric)
     return row, col, row_stats, col_stats
 
@@ -57,7 +45,7 @@ def infonce_bwd(q: Tensor, k: Tensor, bank: Optional[Tensor], scale: Tensor, q_l
                 row_stats: Tensor, col_stats: Tensor, g_row: Tensor, g_col: Tensor,
                 backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dbank, dscale); dbank is an empty (0, D) tensor when there is no bank."""
-    dq, dk, dbank, dscale = _impl(backend).infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self,
+    dq, dk, dbank, dscale = launcher("infonce", backend).infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self,
                                                        in_batch_negatives, pml, symmetric, row_stats, col_stats,
                                                        g_row, g_col)
     if dbank is None:
@@ -102,7 +90,7 @@ infonce_fwd.register_autograd(_infonce_backward, setup_context=_infonce_setup_co
 # ----------------------------------------------------------------------------------------------- SigLIP
 @torch.library.custom_op("contrastgen::siglip_fwd", mutates_args=())
 def siglip_fwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, backend: str) -> Tensor:
-    return _impl(backend).siglip_fwd(q, k, scale, bias)
+    return launcher("siglip", backend).siglip_fwd(q, k, scale, bias)
 
 
 @siglip_fwd.register_fake
@@ -113,7 +101,7 @@ def _(q, k, scale, bias, backend):
 @torch.library.custom_op("contrastgen::siglip_bwd", mutates_args=())
 def siglip_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, g_row: Tensor,
                backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dscale, dbias = _impl(backend).siglip_bwd(q, k, scale, bias, g_row)
+    dq, dk, dscale, dbias = launcher("siglip", backend).siglip_bwd(q, k, scale, bias, g_row)
     return dq, dk, dscale.reshape(()).to(torch.float32), dbias.reshape(()).to(torch.float32)
 
 
@@ -141,42 +129,15 @@ siglip_fwd.register_autograd(_siglip_backward, setup_context=_siglip_setup_conte
 
 
 # ----------------------------------------------------------------------------------------------- cores
-def _make_cores(backend: str):
-    def infonce_core(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric):
-        if bank is not None and bank.shape[0] == 0:
-            bank = None
-        return torch.ops.contrastgen.infonce_fwd(q, k, bank, scale.reshape(()).float(), q_labels, k_labels,
-                                                 bool(exclude_self), bool(in_batch_negatives), bool(pml),
-                                                 bool(symmetric), backend)
-
-    def siglip_core(q, k, scale, bias):
-        return torch.ops.contrastgen.siglip_fwd(q, k, scale.reshape(()).float(), bias.reshape(()).float(), backend)
-
-    infonce_core.__name__ = f"infonce_core_{backend}"
-    siglip_core.__name__ = f"siglip_core_{backend}"
-    return infonce_core, siglip_core
+def infonce_core(backend: str, q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric):
+    """The InfoNCE core of the contract on a fused ``backend``: (row_loss, col_loss, row_stats, col_stats)."""
+    if bank is not None and bank.shape[0] == 0:
+        bank = None
+    return torch.ops.contrastgen.infonce_fwd(q, k, bank, scale.reshape(()).float(), q_labels, k_labels,
+                                             bool(exclude_self), bool(in_batch_negatives), bool(pml),
+                                             bool(symmetric), backend)
 
 
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _cpp_available() -> bool:
-    """``contrastgen.ops._cpp_infonce`` imports and its compiled extension is there."""
-    try:
-        from . import _cpp_infonce
-    except ImportError:
-        return False
-    return bool(_cpp_infonce.available())
-
-
-def _register_backends() -> None:
-    for backend, ok in (("triton", _triton_importable()), ("cpp", _cpp_available())):
-        if not ok:
-            continue
-        infonce_core, siglip_core = _make_cores(backend)
-        register("infonce_core", backend)(infonce_core)
-        register("siglip_core", backend)(siglip_core)
-
-
-_register_backends()
+def siglip_core(backend: str, q, k, scale, bias):
+    """The SigLIP core of the contract on a fused ``backend``: row_loss (N,)."""
+    return torch.ops.contrastgen.siglip_fwd(q, k, scale.reshape(()).float(), bias.reshape(()).float(), backend)
