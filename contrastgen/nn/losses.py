@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from . import ops
+from .. import ops
 
 
 class InfoNCELoss(nn.Module):
