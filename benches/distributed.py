@@ -15,7 +15,7 @@ alone, the others waiting at a barrier) is the reference.
   relative to the largest value;
 * analytic communication volume per rank and step (bytes each rank sends).
 
-    python benches/distributed.py                       # W=4, N_local=4096, D=256 -> benches/results/distributed_cpu_<date>.json
+    python benches/distributed.py              # W=4, N_local=4096, D=256 -> benches/results/distributed_cpu_<date>.json
     python benches/distributed.py --world 2 --n 1024 --reps 2 --out /tmp/d.json
 """
 from __future__ import annotations
@@ -37,7 +37,8 @@ import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benches.harness import CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, cpu_model, git, load_average, measure_memory  # noqa: E402
+from benches.harness import (CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, cpu_model, git, load_average,  # noqa: E402
+                             measure_memory)
 
 MODES = ("all_gather", "ring")
 TARGET_RING_OVER_SINGLE = 1.2
@@ -212,7 +213,8 @@ def main(argv=None):
         summary["target_ring_peak_over_single"] = TARGET_RING_OVER_SINGLE
         summary["target_met"] = ratio <= TARGET_RING_OVER_SINGLE
         if single.get("rss_peak_mib"):
-            summary["ring_rss_peak_over_single_rank_rss_peak"] = ring["rss_peak_mib_max_over_ranks"] / single["rss_peak_mib"]
+            summary["ring_rss_peak_over_single_rank_rss_peak"] = (ring["rss_peak_mib_max_over_ranks"]
+                                                                   / single["rss_peak_mib"])
     if "agreement_per_rank" in res:
         summary["max_rel_diff_between_modes"] = max(v for r in res["agreement_per_rank"] for v in r.values()
                                                     if v is not None)

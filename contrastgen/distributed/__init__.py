@@ -206,7 +206,10 @@ def info_nce(query, key, *, temperature=0.07, labels=None, mode="all_gather", gr
         row, _ = InfoNCERingFn.apply(query, key, 1.0 / _as_tensor(t, query), problem)
         return (row.sum() * (world / N)).to(query.dtype)
     all_key = C.AllGather.apply(key, sizes, rank, group)
-    kl = C.all_gather_rows(ql.contiguous(), sizes, group) if labels is not None else torch.arange(N, device=query.device)
+    if labels is not None:
+        kl = C.all_gather_rows(ql.contiguous(), sizes, group)
+    else:
+        kl = torch.arange(N, device=query.device)
     # every row has a positive (its own key), so the global mean divides by N
     loss = ops.info_nce(query, all_key, temperature=t, labels=ql, key_labels=kl, positives="supcon", reduction="sum",
                         backend=backend)

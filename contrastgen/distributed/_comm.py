@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 # torch 2.14 deprecates all_gather_into_tensor / reduce_scatter_tensor (FutureWarning on each call) in favour of
 # the *_single names, which older torch (the GPU machines run 2.11) does not have yet.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
