@@ -172,6 +172,36 @@ def _worker(rank, world, port, data, outdir):
                      img, txt, SIG_SCALE, SIG_BIAS, dtype=f32)
         _ring.MAX_CHUNK_ROWS = CHUNKS[0]
 
+        # --- the ring overlaps: each round posts its messages, runs the kernel, then waits (event log, 2-row chunks)
+        log, saved = [], (_ring.start_p2p, _blocks.InfoNCEBlocks.fwd, _blocks.InfoNCEBlocks.bwd)
+
+        class LoggedWork:
+            def __init__(self, w):
+                self.w = w
+
+            def wait(self):
+                log.append("wait")
+                return self.w.wait()
+
+        def logged_p2p(ops, group):
+            works = saved[0](ops, group)
+            log.append(("post", len(works)))
+            return [LoggedWork(w) for w in works]
+
+        def logged(kind, fn):
+            def run(*a, **k):
+                log.append(kind)
+                return fn(*a, **k)
+            return run
+        _ring.start_p2p, _ring.MAX_CHUNK_ROWS = logged_p2p, 2
+        _blocks.InfoNCEBlocks.fwd, _blocks.InfoNCEBlocks.bwd = logged("fwd", saved[1]), logged("bwd", saved[2])
+        try:
+            _run(lambda i, t, s, b: cd.clip_loss(i, t, s, mode="ring", backend="torch"), img, txt, SCALE, BIAS)
+        finally:
+            _ring.start_p2p, _blocks.InfoNCEBlocks.fwd, _blocks.InfoNCEBlocks.bwd = saved
+            _ring.MAX_CHUNK_ROWS = CHUNKS[0]
+        res["overlap_log"] = log
+
         # --- the deprecated alias: one DeprecationWarning per process, same numbers as clip_loss
         res["alias_warnings"] = []
         for _ in range(2):
@@ -227,6 +257,7 @@ def _worker(rank, world, port, data, outdir):
                     raise RuntimeError("injected failure inside the ring")
                 return orig(self, *a, **k)
             _blocks.InfoNCEBlocks.fwd = failing
+        dist.barrier(group=short2)          # arrive together: the handshake must pass, the ring must fail
         attempt("hang_midring", lambda: cd.clip_loss(img, txt, SCALE, mode="ring", group=short2, backend="torch"))
         if rank == last:
             _blocks.InfoNCEBlocks.fwd = orig
@@ -421,6 +452,31 @@ def test_a_failing_rank_does_not_hang_the_others(world_results, key):
             assert "injected failure" in msg
         else:
             assert elapsed < TIMEOUT_S + 15, f"{key} rank {rk} waited {elapsed:.1f} s ({name}: {msg})"
+
+
+def test_ring_posts_messages_before_the_kernel_and_waits_after(world_results):
+    """Every round of the ring forward and backward: post (batch_isend_irecv), kernel, wait -- never the kernel
+    after a wait of the same round; and every chunk but the last hop's travels while a kernel runs."""
+    world, _, res = world_results
+    chunks = 3                                              # 5 rows in 2-row chunks
+    for r in res:
+        rounds, cur = [], None
+        for ev in r["overlap_log"]:
+            if isinstance(ev, tuple):
+                cur = {"posted": ev[1], "events": []}
+                rounds.append(cur)
+            else:
+                cur["events"].append(ev)
+        for rd in rounds:
+            ev = rd["events"]
+            assert ev.count("wait") == rd["posted"]
+            kernels = [i for i, e in enumerate(ev) if e in ("fwd", "bwd")]
+            waits = [i for i, e in enumerate(ev) if e == "wait"]
+            assert not kernels or not waits or max(kernels) < min(waits), ev
+        overlapped = [rd for rd in rounds if rd["posted"] and any(e in ("fwd", "bwd") for e in rd["events"])]
+        # forward: (W - 1) C rounds move keys during a kernel (+ column statistics); backward: W C rounds
+        assert len(overlapped) >= (2 * world - 1) * chunks, len(overlapped)
+        assert sum(e == "fwd" for rd in rounds for e in rd["events"]) == world * chunks
 
 
 def test_no_future_or_deprecation_warnings(world_results):

@@ -23,6 +23,17 @@ never reaches the call (it crashed elsewhere) still blocks the others until the 
 (``init_process_group(timeout=...)``), as with any collective.  Every rank must run ``backward()`` too.
 
 Without an initialized process group (or with one rank) every function is the single-process fused loss.
+
+Launch (one process per GPU)::
+
+    torchrun --standalone --nproc_per_node=8 train.py                      # one node
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 train.py
+
+    # train.py
+    dist.init_process_group("nccl")                 # "gloo" for CPU tensors
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    loss = contrastgen.distributed.clip_loss(img_emb, txt_emb, logit_scale.exp(), mode="ring")
+    loss.backward()                                 # every rank; DDP averages the parameter gradients
 """
 from __future__ import annotations
 
