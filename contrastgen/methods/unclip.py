@@ -44,8 +44,8 @@ class TextTransformer(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.ln = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
-        self.register_buffer("causal", torch.triu(torch.full((context_length, context_length), float("-inf")), 1),
-                             persistent=False)
+        self.register_buffer("causal", torch.ones(context_length, context_length, dtype=torch.bool).triu(1),
+                             persistent=False)   # True = may not attend
 
     def forward(self, ids: torch.Tensor):
         b, length = ids.shape
@@ -134,7 +134,7 @@ class DiffusionPrior(nn.Module):
         self.net = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.ln = nn.LayerNorm(width)
         self.out = nn.Linear(width, embed_dim)
-        self.register_buffer("causal", torch.triu(torch.full((n, n), float("-inf")), 1), persistent=False)
+        self.register_buffer("causal", torch.ones(n, n, dtype=torch.bool).triu(1), persistent=False)
         self.width = width
 
     def _check(self, text_embed, text_tokens, text_mask):
