@@ -212,6 +212,32 @@ static void paired_fwd(f32arr q, Arr negs, float scale, f32arr logits, f32arr ls
 }
 
 // ------------------------------------------------------------------------------------------- backward
+// dq += ds n_j and dn_j = sds q over one negative's D entries
+template <class T>
+static inline __attribute__((always_inline)) void row_dq_dn(float* __restrict dq, typename T::storage* __restrict dn,
+                                                            const typename T::storage* __restrict n,
+                                                            const float* __restrict q, float ds, float sds, int64_t d) {
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) {
+        dq[k] += ds * T::load(n, k);
+        T::store(dn, k, sds * q[k]);
+    }
+}
+
+template <class T>
+static inline __attribute__((always_inline)) void row_dq(float* __restrict dq, const typename T::storage* __restrict n,
+                                                         float ds, int64_t d) {
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) dq[k] += ds * T::load(n, k);
+}
+
+template <class T>
+static inline __attribute__((always_inline)) void row_dn(typename T::storage* __restrict dn, const float* __restrict q,
+                                                         float sds, int64_t d) {
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) T::store(dn, k, sds * q[k]);
+}
+
 template <class T>
 static double paired_bwd_impl(const float* q, const typename T::storage* neg, int64_t n, int64_t m, int64_t d,
                               float scale, const float* logits, const float* lse, const float* g, float* dq,
@@ -254,25 +280,14 @@ static double paired_bwd_impl(const float* q, const typename T::storage* neg, in
                 }
                 const typename T::storage* ni = neg + (i * m + j0) * d;
                 typename T::storage* dni = dn ? dn + (i * m + j0) * d : nullptr;
-                for (int64_t j = 0; j < len; ++j) {
-                    const float dsj = ds[j];
-                    const float sds = scale * dsj;
-                    const typename T::storage* nj = ni + j * d;
-                    if (dqi && dni) {
-                        typename T::storage* dnj = dni + j * d;
-#pragma omp simd
-                        for (int64_t k = 0; k < d; ++k) {
-                            dqi[k] += dsj * T::load(nj, k);
-                            T::store(dnj, k, sds * qi[k]);
-                        }
-                    } else if (dqi) {
-#pragma omp simd
-                        for (int64_t k = 0; k < d; ++k) dqi[k] += dsj * T::load(nj, k);
-                    } else if (dni) {
-                        typename T::storage* dnj = dni + j * d;
-#pragma omp simd
-                        for (int64_t k = 0; k < d; ++k) T::store(dnj, k, sds * qi[k]);
-                    }
+                // one branch per call, three branch-free row loops (restrict-qualified, so each vectorises)
+                if (dqi && dni) {
+                    for (int64_t j = 0; j < len; ++j)
+                        row_dq_dn<T>(dqi, dni + j * d, ni + j * d, qi, ds[j], scale * ds[j], d);
+                } else if (dqi) {
+                    for (int64_t j = 0; j < len; ++j) row_dq<T>(dqi, ni + j * d, ds[j], d);
+                } else if (dni) {
+                    for (int64_t j = 0; j < len; ++j) row_dn<T>(dni + j * d, qi, scale * ds[j], d);
                 }
             }
             if (dq) {

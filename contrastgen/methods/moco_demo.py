@@ -2,8 +2,8 @@
 
 The query encoder (ViT-tiny width, configurable depth, MLP head) sees one augmented view, the momentum encoder
 (:class:`contrastgen.nn.MomentumEncoder`, MoCo v3's cosine momentum schedule from ``--momentum`` to 1) the other;
-the loss is ``contrastgen.info_nce(q, k, negatives=queue, temperature=0.2, similarity="cosine")`` -- InfoNCE of each
-query against its key and the :class:`contrastgen.nn.MoCoQueue` bank (read in place by the fused kernel), in-batch
+the loss is ``contrastgen.info_nce(q, k, negatives=queue, temperature=0.2)`` on L2-normalised q and k -- InfoNCE of
+each query against its key and the :class:`contrastgen.nn.MoCoQueue` bank (read in place by the fused kernel), in-batch
 keys not negatives, as in MoCo v1/v2 -- after which the keys are enqueued.  Reported: the loss curve, the monitoring
 panels of (q, k) and the cosine k-NN accuracy of the backbone features on held-out renders, before and after.
 """
@@ -44,9 +44,10 @@ def main(argv=None) -> int:
     for step in range(args.steps):
         idx = torch.randint(0, xtr.shape[0], (args.batch_size,), generator=g)
         x = xtr[idx]
-        q = enc(augment(x, g))
+        q = F.normalize(enc(augment(x, g)), dim=1)
         k = F.normalize(key_enc(augment(x, g)), dim=1)
-        loss = info_nce(q, k, negatives=queue, temperature=args.temperature, similarity="cosine", backend=args.backend)
+        # unit vectors in, the default dot similarity: the queue's storage is read in place (no copy)
+        loss = info_nce(q, k, negatives=queue, temperature=args.temperature, backend=args.backend)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -28,7 +28,9 @@ class MoCoQueue(nn.Module):
 
     Reading: ``as_negatives()`` / :attr:`keys` -- a view of the filled part (no copy), (len, dim), in storage order
     (the loss does not depend on the order); :attr:`labels` likewise; :meth:`ordered` -- a copy, oldest first.
-    ``info_nce(q, k, negatives=queue)`` uses the bank as shared negatives; for label-aware use (supervised MoCo)
+    ``info_nce(q, k, negatives=queue)`` uses the bank as shared negatives (read in place with the default
+    ``similarity="dot"``: enqueue unit-norm keys; ``"cosine"`` normalises the bank into a new tensor each call);
+    for label-aware use (supervised MoCo)
     pass ``key=queue.keys, key_labels=queue.labels`` instead, which is no copy either.
     The write position and the fill count are python ints (saved through ``get_extra_state``), so reading them
     costs no device sync.
