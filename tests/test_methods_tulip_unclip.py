@@ -172,3 +172,20 @@ def test_retrieval_accuracy():
     queries = torch.tensor([[1.0, 0.1, 0, 0], [0, 0, 0.2, 1.0], [0.9, 1.0, 0, 0]])
     acc = retrieval_accuracy(queries, gallery, [0, 3, 0], [0, 1, 2, 3], topk=(1, 2))
     assert acc == {"top1": pytest.approx(2 / 3), "top2": pytest.approx(1.0)}
+
+
+def test_prior_and_clip_losses_compile_fullgraph():
+    torch._dynamo.reset()
+    prior = _prior()
+    text, tokens, mask, image = torch.randn(4, 8), torch.randn(4, 3, 6), torch.ones(4, 3, dtype=torch.bool), torch.randn(4, 8)
+    mask[1, 2] = False
+    f = torch.compile(prior.loss, fullgraph=True, backend="aot_eager")     # (a torch.Generator cannot be traced)
+    torch.manual_seed(3)
+    got = f(text, tokens, mask, image)
+    torch.manual_seed(3)
+    assert torch.allclose(got, prior.loss(text, tokens, mask, image), atol=1e-5)
+    model = CLIP(vit_image_tower(8, img_size=16, patch_size=8, depth=1), TextTransformer(30, 8, 8, 16, 1, 2),
+                 backend="cpp")
+    imgs, ids = torch.randn(3, 3, 16, 16), torch.randint(1, 30, (3, 8))
+    assert torch.allclose(torch.compile(model, fullgraph=True, backend="aot_eager")(imgs, ids), model(imgs, ids),
+                          atol=1e-5)

@@ -30,6 +30,28 @@ from ..nn import ClipLoss
 
 
 # ----------------------------------------------------------------------------------------------- towers
+class Block(nn.Module):
+    """Pre-norm transformer block (``scaled_dot_product_attention`` with a boolean mask, True = may attend); plain
+    tensor ops only, so ``torch.compile(fullgraph=True)`` traces it (``nn.MultiheadAttention``'s mask checks do not)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be divisible by heads {heads}")
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x, allowed):
+        b, n, w = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, w))
+        return x + self.mlp(self.ln2(x))
+
+
 class TextTransformer(nn.Module):
     """Token ids (B, L) with ``pad_id`` padding -> (embedding (B, embed_dim), token features (B, L, width), mask (B, L))."""
 
@@ -39,13 +61,11 @@ class TextTransformer(nn.Module):
         self.pad_id, self.context_length, self.width = pad_id, context_length, width
         self.token = nn.Embedding(vocab_size, width)
         self.pos = nn.Parameter(torch.randn(context_length, width) * 0.01)
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.blocks = nn.ModuleList([Block(width, heads) for _ in range(layers)])
         self.ln = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
-        self.register_buffer("causal", torch.ones(context_length, context_length, dtype=torch.bool).triu(1),
-                             persistent=False)   # True = may not attend
+        self.register_buffer("causal", torch.ones(context_length, context_length, dtype=torch.bool).tril(),
+                             persistent=False)   # True = may attend
 
     def forward(self, ids: torch.Tensor):
         b, length = ids.shape
@@ -53,7 +73,9 @@ class TextTransformer(nn.Module):
             raise ValueError(f"ids of shape {tuple(ids.shape)} are longer than context_length={self.context_length}")
         mask = ids != self.pad_id
         x = self.token(ids) + self.pos[:length]
-        x = self.ln(self.blocks(x, mask=self.causal[:length, :length], is_causal=True))
+        for blk in self.blocks:
+            x = blk(x, self.causal[:length, :length])
+        x = self.ln(x)
         last = (mask.long().sum(1) - 1).clamp_min(0)
         pooled = x[torch.arange(b, device=ids.device), last]
         return self.proj(pooled), x, mask
@@ -129,12 +151,10 @@ class DiffusionPrior(nn.Module):
         self.null_text_tokens = nn.Parameter(torch.randn(max_text_len, token_dim) * 0.02)
         n = max_text_len + 4
         self.pos = nn.Parameter(torch.randn(n, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True)
-        self.net = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.net = nn.ModuleList([Block(width, heads) for _ in range(depth)])
         self.ln = nn.LayerNorm(width)
         self.out = nn.Linear(width, embed_dim)
-        self.register_buffer("causal", torch.ones(n, n, dtype=torch.bool).triu(1), persistent=False)
+        self.register_buffer("causal", torch.ones(n, n, dtype=torch.bool).tril(), persistent=False)   # True = may attend
         self.width = width
 
     def _check(self, text_embed, text_tokens, text_mask):
@@ -170,7 +190,10 @@ class DiffusionPrior(nn.Module):
         # causal attention: a query row whose every visible key is padding would be all -inf (NaN); the text is
         # left-aligned, so keeping position 0 visible is enough
         keep[:, 0] = True
-        h = self.net(seq, mask=self.causal, src_key_padding_mask=~keep)
+        allowed = self.causal[None, None] & keep[:, None, None, :]                   # (B, 1, n, n)
+        h = seq
+        for blk in self.net:
+            h = blk(h, allowed)
         return self.out(self.ln(h[:, -1]))
 
     def loss(self, text_embed, text_tokens, text_mask, image_embed, generator: Optional[torch.Generator] = None):
