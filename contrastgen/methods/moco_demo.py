@@ -4,7 +4,8 @@ The query encoder (ViT-tiny width, configurable depth, MLP head) sees one augmen
 (:class:`contrastgen.nn.MomentumEncoder`, MoCo v3's cosine momentum schedule from ``--momentum`` to 1) the other;
 the loss is ``contrastgen.info_nce(q, k, negatives=queue, temperature=0.2)`` on L2-normalised q and k -- InfoNCE of
 each query against its key and the :class:`contrastgen.nn.MoCoQueue` bank (read in place by the fused kernel), in-batch
-keys not negatives, as in MoCo v1/v2 -- after which the keys are enqueued.  Reported: the loss curve, the monitoring
+keys not negatives, as in MoCo v1/v2 -- after which the keys are enqueued.  The queue is pre-filled with keys of
+the initial encoder (MoCo starts from random unit vectors, which makes the first steps' loss incomparable).  Reported: the loss curve, the monitoring
 panels of (q, k) and the cosine k-NN accuracy of the backbone features on held-out renders, before and after.
 """
 from __future__ import annotations
@@ -35,7 +36,13 @@ def main(argv=None) -> int:
     before = evaluate(enc.eval(), xtr, atr, xte, ate)
     enc.train()
     key_enc = MomentumEncoder(enc, momentum=args.momentum, total_steps=args.steps)
-    queue = MoCoQueue(args.queue, enc.head[-1].out_features)
+    # the queue starts empty and is filled with keys of the initial momentum encoder (instead of MoCo's random unit
+    # vectors), so that the loss measures the same task from the first step on
+    queue = MoCoQueue(args.queue, enc.head[-1].out_features, init="empty")
+    g_fill = torch.Generator().manual_seed(args.seed + 5)
+    while len(queue) < args.queue:
+        x = xtr[torch.randint(0, xtr.shape[0], (args.batch_size,), generator=g_fill)]
+        queue.enqueue(F.normalize(key_enc(augment(x, g_fill)), dim=1))
     opt, sched = optimizer(enc.parameters(), args.lr, args.steps)
     mon = ContrastiveMonitor(uniformity_samples=None)
     g = torch.Generator().manual_seed(args.seed)
