@@ -51,7 +51,7 @@ def test_demo_end_to_end(name, tmp_path, capsys):
         assert set(s["curves"]) == {"total", "image_text", "image_image", "text_text", "image_recon", "text_recon"}
         assert 0.0 <= s["retrieval_top1_after"]["paraphrase_to_image"] <= 1.0
     elif name == "code":
-        assert 0.0 <= s["real_fake_knn_after"] <= 1.0 and set(s["curves"]) == {"code", "real", "fake"}
+        assert 0.0 <= s["real_fake_after"]["embedding"]["knn"] <= 1.0 and set(s["curves"]) == {"code", "real", "fake"}
     else:
         assert 0.0 <= s["knn_after"]["knn_shape"] <= 1.0
 
