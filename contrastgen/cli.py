@@ -9,7 +9,10 @@ import importlib
 import sys
 from pathlib import Path
 
-DEMOS = {"dispersive": "contrastgen.methods.dispersive_demo"}
+DEMOS = {"dispersive": "contrastgen.methods.dispersive_demo",
+         "unclip": "contrastgen.methods.unclip_demo", "tulip": "contrastgen.methods.tulip_demo",
+         "code": "contrastgen.methods.code_demo", "dcr": "contrastgen.methods.dcr_demo",
+         "moco": "contrastgen.methods.moco_demo", "simclr": "contrastgen.methods.simclr_demo"}
 
 
 def _bench(argv):

@@ -25,8 +25,10 @@ def test_clip_module_learns_scale_and_clamps():
 def test_modules_match_functional():
     q, k = torch.randn(6, 4), torch.randn(6, 4)
     torch.testing.assert_close(cnn.SigLipLoss(backend="torch")(q, k), R.siglip_loss_ref(q, k, 10.0, -10.0))
-    torch.testing.assert_close(cnn.NTXentLoss(0.2, backend="torch")(q, k), R.nt_xent_ref(q, k, 0.2))
-    torch.testing.assert_close(cnn.InfoNCELoss(0.1, backend="torch")(q, k), R.info_nce_ref(q, k, temperature=0.1))
+    torch.testing.assert_close(cnn.NTXentLoss(0.2, backend="torch")(torch.cat([q, k]), torch.arange(6).repeat(2)),
+                               R.nt_xent_ref(q, k, 0.2))
+    torch.testing.assert_close(cnn.InfoNCELoss(0.1, similarity="dot", backend="torch")(q, k),
+                               R.info_nce_ref(q, k, temperature=0.1))
     torch.testing.assert_close(cnn.DispersiveLoss(tau=1.0, backend="torch")(q), R.dispersive_loss_ref(q, tau=1.0))
     torch.testing.assert_close(cnn.UniformityLoss(backend="torch")(q), R.uniformity_ref(q))
     p = torch.randn(2, 5, 3)

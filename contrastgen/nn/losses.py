@@ -10,18 +10,30 @@ from .. import ops
 
 
 class InfoNCELoss(nn.Module):
-    """:func:`contrastgen.info_nce` with fixed options; ``forward(query, key=None, labels=None, key_labels=None, negatives=None)``."""
+    """:func:`contrastgen.info_nce` as a module, with pytorch-metric-learning's defaults: cosine similarity (query,
+    key and negatives are L2-normalised inside) and temperature 0.07.
 
-    def __init__(self, temperature=0.07, positives="diagonal", symmetric=False, in_batch_negatives=None,
-                 reduction="mean", backend=None):
+    ``forward(query, key=None, labels=None, key_labels=None, negatives=None)``.  ``positives=None`` picks the
+    diagonal when no labels are given and PML's multi-positive convention (``"pml"``) when they are; pass
+    ``"diagonal"``, ``"supcon"`` or ``"pml"`` to fix it.  ``negatives``: a shared (K, D) bank, (N, K, D) per-query
+    negatives, or a :class:`contrastgen.nn.MoCoQueue`.  ``similarity="dot"`` uses the features as given.
+    """
+
+    def __init__(self, temperature=0.07, similarity="cosine", positives=None, symmetric=False,
+                 in_batch_negatives=None, reduction="mean", backend=None):
         super().__init__()
-        self.temperature, self.positives, self.symmetric = temperature, positives, symmetric
+        self.temperature, self.similarity, self.positives, self.symmetric = temperature, similarity, positives, symmetric
         self.in_batch_negatives, self.reduction, self.backend = in_batch_negatives, reduction, backend
 
     def forward(self, query, key=None, labels=None, key_labels=None, negatives=None):
+        positives = self.positives or ("diagonal" if labels is None else "pml")
         return ops.info_nce(query, key, temperature=self.temperature, labels=labels, key_labels=key_labels,
-                            positives=self.positives, negatives=negatives, in_batch_negatives=self.in_batch_negatives,
-                            symmetric=self.symmetric, reduction=self.reduction, backend=self.backend)
+                            positives=positives, negatives=negatives, in_batch_negatives=self.in_batch_negatives,
+                            symmetric=self.symmetric, reduction=self.reduction, similarity=self.similarity,
+                            backend=self.backend)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, similarity={self.similarity!r}, positives={self.positives!r}"
 
 
 class ClipLoss(nn.Module):
@@ -56,12 +68,33 @@ class SigLipLoss(nn.Module):
 
 
 class NTXentLoss(nn.Module):
-    def __init__(self, temperature=0.5, backend=None):
-        super().__init__()
-        self.temperature, self.backend = temperature, backend
+    """pytorch-metric-learning's ``NTXentLoss`` on the fused op: ``forward(embeddings, labels, ref_emb=None,
+    ref_labels=None)``, cosine similarity, temperature 0.07; for each positive pair (a, p)
+    ``l_ap = -log(e^{s_ap} / (e^{s_ap} + sum_{n: y_n != y_a} e^{s_an}))``, mean over positive pairs, 0 without any.
+    Without ``ref_emb`` the embeddings are compared with each other (self-pairs excluded); with it, with ``ref_emb``.
 
-    def forward(self, z1, z2):
-        return ops.nt_xent(z1, z2, temperature=self.temperature, backend=self.backend)
+    SimCLR's two-view loss is the special case ``NTXentLoss(0.5)(torch.cat([z1, z2]), torch.arange(n).repeat(2))``
+    (= :func:`contrastgen.nt_xent`).  Not supported: PML's ``indices_tuple`` / miners, distances other than
+    cosine / dot (``similarity="dot"``), reducers other than the mean over positive pairs.
+    """
+
+    def __init__(self, temperature=0.07, similarity="cosine", backend=None):
+        super().__init__()
+        self.temperature, self.similarity, self.backend = temperature, similarity, backend
+
+    def forward(self, embeddings, labels=None, ref_emb=None, ref_labels=None):
+        if labels is None:
+            raise ValueError("NTXentLoss needs labels (N,) for the embeddings (SimCLR: torch.arange(n).repeat(2) for "
+                             "two views concatenated)")
+        if ref_emb is not None and ref_labels is None:
+            raise ValueError(f"ref_emb of shape {tuple(ref_emb.shape)} needs ref_labels")
+        if ref_emb is None and ref_labels is not None:
+            raise ValueError("ref_labels is given without ref_emb")
+        return ops.info_nce(embeddings, ref_emb, temperature=self.temperature, labels=labels, key_labels=ref_labels,
+                            positives="pml", similarity=self.similarity, backend=self.backend)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, similarity={self.similarity!r}"
 
 
 class DispersiveLoss(nn.Module):

@@ -5,6 +5,7 @@
     siglip          contrastgen.kernels.infonce         contrastgen.ops._cpp_infonce      (contrastgen._cpp_infonce)
     dispersive      contrastgen.kernels.dispersive      contrastgen.ops._cpp_dispersive   (contrastgen._cpp_dispersive)
     uniformity      contrastgen.kernels.dispersive      contrastgen.ops._cpp_dispersive   (contrastgen._cpp_dispersive)
+    infonce_paired  contrastgen.kernels.infonce_paired  contrastgen.ops._cpp_infonce_paired (contrastgen._cpp_infonce_paired)
     patch_nce       -                                   -
     attention_nce   -                                   -
 
@@ -47,19 +48,31 @@ def _cpp_dispersive() -> ModuleType:
     return _cpp_dispersive
 
 
+def _triton_infonce_paired() -> ModuleType:
+    from ..kernels import infonce_paired
+    return infonce_paired
+
+
+def _cpp_infonce_paired() -> ModuleType:
+    from . import _cpp_infonce_paired
+    return _cpp_infonce_paired
+
+
 # op -> backend -> zero-argument function returning the launcher module
 BACKEND_TABLE: Dict[str, Dict[str, Callable[[], ModuleType]]] = {
     "infonce": {"triton": _triton_infonce, "cpp": _cpp_infonce},
     "siglip": {"triton": _triton_infonce, "cpp": _cpp_infonce},
     "dispersive": {"triton": _triton_dispersive, "cpp": _cpp_dispersive},
     "uniformity": {"triton": _triton_dispersive, "cpp": _cpp_dispersive},
+    # per-query negatives (info_nce with 3-D negatives); its in-batch part also runs the "infonce" launchers
+    "infonce_paired": {"triton": _triton_infonce_paired, "cpp": _cpp_infonce_paired},
     "patch_nce": {},
     "attention_nce": {},
 }
 
 # op -> the compiled extension its "cpp" launcher needs (``contrastgen._cpp_<name>``, built from csrc/<name>.cpp)
 CPP_EXTENSION: Dict[str, str] = {"infonce": "infonce", "siglip": "infonce", "dispersive": "dispersive",
-                                 "uniformity": "dispersive"}
+                                 "uniformity": "dispersive", "infonce_paired": "infonce_paired"}
 
 # public function -> the op of the table that runs it (None: reference only, documented as such)
 PUBLIC_OPS: Dict[str, str | None] = {

@@ -17,8 +17,10 @@ from . import _validate as V
 from ._dispatch import resolve_backend
 from .dispersive import dispersive_core, uniformity_core
 from .infonce import infonce_core, siglip_core
+from .infonce_paired import infonce_paired_core
 
 POSITIVES = ("diagonal", "supcon", "pml")
+SIMILARITIES = ("dot", "cosine")
 REDUCTIONS = ("none", "mean", "sum")
 DISPERSIVE_VARIANTS = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
 
@@ -33,16 +35,26 @@ def _zero_grad_anchor(loss: torch.Tensor, *tensors) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- CLIP / InfoNCE family
 def info_nce(query, key=None, *, temperature=0.07, labels=None, key_labels=None, positives="diagonal",
-             negatives=None, in_batch_negatives=None, symmetric=False, reduction="mean", backend=None):
+             negatives=None, in_batch_negatives=None, symmetric=False, reduction="mean", similarity="dot",
+             backend=None):
     """General InfoNCE; see :func:`contrastgen.reference.info_nce_ref` for the exact definition.
 
     query (N, D); key (M, D) or None (the queries are the keys, self-pairs excluded); labels (N,) and
     key_labels (M,) integer tensors for ``positives="supcon"|"pml"``; negatives (K, D) a bank shared by
-    all queries.  Returns a scalar, or (N,) with ``reduction="none"``.
+    all queries, or (N, K, D) per-query negatives (row i its own K; diagonal/supcon positives, see
+    :func:`contrastgen.reference.info_nce_paired_ref`), or an object with ``as_negatives()`` (e.g.
+    :class:`contrastgen.nn.MoCoQueue`, passed without a copy).  Returns a scalar, or (N,) with ``reduction="none"``.
+
+    ``similarity="dot"`` (the default) uses the features as given: ``s_ij = q_i . k_j / temperature``.
+    ``similarity="cosine"`` L2-normalises query, key and negatives first (pytorch-metric-learning's
+    ``CosineSimilarity``, CoDE, CONFORM); the gradient flows through the normalisation.
     """
     V.check_tensor("query", query, ndim=2)
     V.check_choice("positives", positives, POSITIVES)
     V.check_choice("reduction", reduction, REDUCTIONS)
+    V.check_choice("similarity", similarity, SIMILARITIES)
+    if negatives is not None and not isinstance(negatives, torch.Tensor) and hasattr(negatives, "as_negatives"):
+        negatives = negatives.as_negatives()
     temperature = V.check_positive_scalar("temperature", temperature, like=query)
     n = query.shape[0]
     if key is not None:
@@ -70,10 +82,17 @@ def info_nce(query, key=None, *, temperature=0.07, labels=None, key_labels=None,
                     raise ValueError(f"key has {m} rows but query has {n}: pass key_labels of shape ({m},)")
                 key_labels = labels
             V.check_labels("key_labels", key_labels, m, query)
+    paired = negatives is not None and isinstance(negatives, torch.Tensor) and negatives.dim() == 3
     if negatives is not None:
-        V.check_tensor("negatives", negatives, ndim=2)
+        V.check_tensor("negatives", negatives, ndim=(2, 3))
         V.check_same(("query", "negatives"), (query, negatives))
         V.check_feature_dim(("query", "negatives"), (query, negatives))
+    if paired:
+        if negatives.shape[0] != n:
+            raise ValueError(f"per-query negatives must have shape (N, K, D) with N = {n} queries: query has shape "
+                             f"{tuple(query.shape)}, negatives has shape {tuple(negatives.shape)}")
+        if positives == "pml":
+            raise ValueError("per-query negatives (3-D negatives) support positives='diagonal' and 'supcon', not 'pml'")
     if in_batch_negatives is None:
         in_batch_negatives = negatives is None
     elif not isinstance(in_batch_negatives, bool):
@@ -84,6 +103,13 @@ def info_nce(query, key=None, *, temperature=0.07, labels=None, key_labels=None,
         if reduction == "none" and m != n:
             raise ValueError(f"symmetric=True with reduction='none' needs N == M, got query {tuple(query.shape)}, key {tuple(key.shape)}")
 
+    if similarity == "cosine":
+        query = F.normalize(query, dim=-1)
+        key = None if key is None else F.normalize(key, dim=-1)
+        negatives = None if negatives is None else F.normalize(negatives, dim=-1)
+    if paired:
+        return _info_nce_paired(query, key, negatives, temperature, labels, key_labels, positives, in_batch_negatives,
+                                reduction, backend)
     name = resolve_backend("infonce", backend, query.device)
     if name == "torch":
         return ref.info_nce_ref(query, key, temperature=temperature, labels=labels, key_labels=key_labels,
@@ -105,6 +131,25 @@ def info_nce(query, key=None, *, temperature=0.07, labels=None, key_labels=None,
         else:
             loss = 0.5 * (loss + _reduce(col, (col_stats[:, 1] > 0).sum(), reduction))
     return loss.to(query.dtype)
+
+
+def _info_nce_paired(query, key, negatives, temperature, labels, key_labels, positives, in_batch_negatives,
+                     reduction, backend):
+    """The 3-D ``negatives`` branch of :func:`info_nce` (inputs validated): the per-query negatives op."""
+    name = resolve_backend("infonce_paired", backend, query.device)
+    if name != "torch" and resolve_backend("infonce", name, query.device) != name:
+        name = "torch"
+    if name == "torch" or query.dtype == torch.float64:   # float64: the reference is exact and as fast
+        return ref.info_nce_paired_ref(query, key, negatives, temperature=temperature, labels=labels,
+                                       key_labels=key_labels, positives=positives,
+                                       in_batch_negatives=in_batch_negatives, reduction=reduction)
+    scale = 1.0 / V.to_scalar_tensor(temperature, query)
+    exclude_self = key is None
+    k = query if exclude_self else key
+    ql = None if positives == "diagonal" else labels
+    kl = None if positives == "diagonal" else (labels if exclude_self else key_labels)
+    row, stats = infonce_paired_core(name, query, k, negatives, scale, ql, kl, exclude_self, in_batch_negatives)
+    return _reduce(row, (stats[:, 1] > 0).sum(), reduction).to(query.dtype)
 
 
 def _reduce(per_anchor, count, reduction):
