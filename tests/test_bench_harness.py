@@ -1,20 +1,18 @@
-"""Fast CI check of the benchmark harness (benches/): a tiny run end to end, and its pieces."""
+"""Fast CI check of the benchmark harness (contrastgen.bench): a tiny run end to end, and its pieces."""
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from contrastgen.bench import cases as C
+from contrastgen.bench import harness as H
+from contrastgen.bench import report as R
+from contrastgen.bench.run import main
 
-from benches import cases as C  # noqa: E402
-from benches import harness as H  # noqa: E402
-from benches import report as R  # noqa: E402
-from benches.run import main  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
