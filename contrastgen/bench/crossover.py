@@ -63,13 +63,15 @@ def _time(spec, shape, backend, device, budget):
     return H.time_fn(call, device, warmup=1, budget_s=budget, min_reps=5, max_reps=50).ms
 
 
-def sweep(op: str, dim: int, device: str, budget: float, log=print) -> dict:
+def sweep(op: str, dim: int, device: str, budget: float, log=print, max_size: Optional[int] = None) -> dict:
     """One pass over the sizes of ``op`` at ``dim``: the timings and the crossover in pairs."""
     from . import cases as C
     cfg = OPS[op]
     spec = next(s for s in C.all_specs() if s.name == cfg["case"])
     points, wins = [], 0
     for size in cfg["sizes"]:
+        if max_size and size > max_size:
+            break
         shape = cfg["shape"](size, dim)
         if 4.0 * cfg["pairs"](shape) * 8 > 0.5 * H.available_bytes(device):
             break
@@ -80,8 +82,13 @@ def sweep(op: str, dim: int, device: str, budget: float, log=print) -> dict:
         wins = wins + 1 if fused < ref else 0
         if wins >= 2:
             break
-    # crossover: geometric midpoint between the last size the reference won and the first size of the final
-    # run of kernel wins; 0 if the kernel won from the smallest size; the largest measured size if it never won.
+    return {"dim": dim, "pairs_below": round(crossover_pairs(points)), "points": points}
+
+
+def crossover_pairs(points: List[dict]) -> float:
+    """Pairs below which the reference won: the geometric midpoint between the last size the reference won and the
+    first size of the final run of kernel wins; 0 if the kernel won from the smallest size; the largest measured
+    size if it never won (no extrapolation)."""
     first_final = len(points)
     for i in range(len(points) - 1, -1, -1):
         if points[i]["fused_ms"] < points[i]["ref_ms"]:
@@ -89,19 +96,18 @@ def sweep(op: str, dim: int, device: str, budget: float, log=print) -> dict:
         else:
             break
     if first_final == 0:
-        below = 0.0
-    elif first_final == len(points):
-        below = float(points[-1]["pairs"]) if points else 0.0
-    else:
-        below = math.sqrt(points[first_final - 1]["pairs"] * points[first_final]["pairs"])
-    return {"dim": dim, "pairs_below": round(below), "points": points}
+        return 0.0
+    if first_final == len(points):
+        return float(points[-1]["pairs"]) if points else 0.0
+    return math.sqrt(points[first_final - 1]["pairs"] * points[first_final]["pairs"])
 
 
-def measure(ops: List[str], device: str, passes: int = 2, budget: float = 0.15, log=print) -> dict:
+def measure(ops: List[str], device: str, passes: int = 2, budget: float = 0.15, log=print,
+            max_size: Optional[int] = None) -> dict:
     passes_out = []
     for p in range(passes):
         load0 = H.load_average()
-        runs = {op: [sweep(op, d, device, budget, log) for d in OPS[op]["dims"]] for op in ops}
+        runs = {op: [sweep(op, d, device, budget, log, max_size) for d in OPS[op]["dims"]] for op in ops}
         passes_out.append({"load_average_start": load0, "load_average_end": H.load_average(), "runs": runs})
         log(f"pass {p}: load average {load0} -> {passes_out[-1]['load_average_end']}")
     rules: Dict[str, dict] = {}
@@ -155,7 +161,7 @@ def main(args, out_dir: Path) -> int:
     load = H.load_average()
     print(f"crossover sweep on {device} ({torch.get_num_threads()} threads), load average {load}", file=sys.stderr)
     doc = measure(ops, device, passes=args.passes, budget=args.budget or 0.15,
-                  log=lambda s: print(s, file=sys.stderr))
+                  log=lambda s: print(s, file=sys.stderr), max_size=args.max_n)
     path = Path(args.json) if args.json else out_dir / f"crossover_{device}_{_dt.date.today().isoformat()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
