@@ -110,11 +110,17 @@ class OptionalBuildExt(build_ext):
             print(f"contrastgen: C++ extensions not built ({e}); CPU ops will use the PyTorch reference",
                   file=sys.stderr)
             self._info["error"] = f"{type(e).__name__}: {e}"
+        # next to the installed extensions (an in-place build builds in build/ first, then copies: not yet there)
         pkg_dir = os.path.dirname(self.get_ext_fullpath("contrastgen._probe"))
+        for rec in self._info["extensions"].values():
+            text = rec.pop("log_text", None)
+            if text is not None:
+                os.makedirs(os.path.join(pkg_dir, BUILD_LOGS), exist_ok=True)
+                with open(os.path.join(pkg_dir, rec["log"]), "w") as f:
+                    f.write(text)
         _write_info(pkg_dir, self._info)
 
     def build_extension(self, ext):
-        pkg_dir = os.path.dirname(self.get_ext_fullpath(ext.name))
         short = ext.name.rsplit(".", 1)[-1]
         rec = {"variant": getattr(ext, "cg_variant", None), "source": getattr(ext, "cg_source", None),
                "flags": list(ext.extra_compile_args)}
@@ -146,12 +152,9 @@ class OptionalBuildExt(build_ext):
         else:
             lines = [ln for ln in text.splitlines() if "error" in ln.lower()] or [str(err)]
             rec.update(status="failed", error=lines[0][:500])
-            os.makedirs(os.path.join(pkg_dir, BUILD_LOGS), exist_ok=True)
-            rel = f"{BUILD_LOGS}/{short}.log"
-            with open(os.path.join(pkg_dir, rel), "w") as f:
-                f.write(f"# {ext.name}: {type(err).__name__}: {err}\n")
-                f.write(text[-20000:])
-            rec["log"] = rel
+            rec.update(log=f"{BUILD_LOGS}/{short}.log", log_text=f"# {ext.name}: {type(err).__name__}: {err}\n"
+                       + text[-20000:])
+            rel = rec["log"]
             print(f"contrastgen: extension {ext.name} not built ({err}); compiler output kept in "
                   f"contrastgen/{rel}", file=sys.stderr)
         self._info["extensions"][short] = rec
