@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
@@ -160,7 +160,14 @@ class OptionalBuildExt(build_ext):
         self._info["extensions"][short] = rec
 
 
+def packages():
+    """contrastgen and its subpackages, plus contrastgen.kernels (the top-level kernels/ folder, see pyproject's
+    package-dir; a checkout's contrastgen/kernels symlink must not be needed, e.g. in an sdist)."""
+    return sorted(set(find_packages(include=["contrastgen", "contrastgen.*"])) | {"contrastgen.kernels"})
+
+
 setup(
+    packages=packages(),
     ext_modules=extensions(),
     cmdclass={"build_ext": OptionalBuildExt, "build_py": BuildPy},
 )
