@@ -45,7 +45,8 @@ def _panel(ax, rows, xkey, ykey, ylabel, title):
 
 def plot_results(doc, path, mode_pref=("fwd+bwd", "fwd", "bwd")) -> Path:
     """Two panels per op, side by side: median time and peak memory against the op's size axis."""
-    import matplotlib
+    from .._optional import require
+    matplotlib = require("matplotlib", extra="bench", what="the benchmark plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
