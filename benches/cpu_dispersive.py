@@ -43,7 +43,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benches.harness import cpu_model, git  # noqa: E402
+from contrastgen.bench.harness import cpu_model, git  # noqa: E402
 
 CASES = {
     "dispersive_l2": dict(kind="dispersive", variant="infonce_l2", B=64, M=262_144, providers=("ref", "cpp", "cpp_mm")),

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benches.harness import cpu_model, git  # noqa: E402
+from contrastgen.bench.harness import cpu_model, git  # noqa: E402
 
 PROVIDERS = ("ref", "cpp_core", "cpp_public")
 

@@ -7,8 +7,8 @@ form: two positives per anchor via labels, B - 1 negatives each):
   * ``loop``       the Python loop it replaces: one ``contrastgen.info_nce`` call per query (its negatives as a
                    (M, D) bank, fused C++ backend), losses averaged
   * ``cpp``        the fused op (C++ backend)
-Modes: ``fwd`` and ``fwd+bwd`` (gradients of q, k and the negatives).  Times are medians (benches.harness.time_fn);
-peak memory is the torch allocator peak of one fwd+bwd call above the inputs (benches.harness.measure_memory).
+Modes: ``fwd`` and ``fwd+bwd`` (gradients of q, k and the negatives).  Times are medians (contrastgen.bench.harness.time_fn);
+peak memory is the torch allocator peak of one fwd+bwd call above the inputs (contrastgen.bench.harness.measure_memory).
 Every provider's loss and gradients are checked against a float64 evaluation of the reference before timing.
 The machine's load average is recorded before and after (the machine is shared).
 
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import contrastgen as cg  # noqa: E402
-from benches.harness import cpu_model, git, load_average, measure_memory, setup_threads, time_fn  # noqa: E402
+from contrastgen.bench.harness import cpu_model, git, load_average, measure_memory, setup_threads, time_fn  # noqa: E402
 from contrastgen import reference as R  # noqa: E402
 
 # (name, N queries, M negatives per query, D, form)
@@ -145,7 +145,7 @@ def main(argv=None):
             "python": platform.python_version(), "commit": git("rev-parse", "HEAD"),
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
             "load_average_1min": {"before": load0, "after": load1}, "temperature": 0.1, "dtype": "float32",
-            "memory_method": "torch.profiler allocator peak of one fwd+bwd call (benches.harness.measure_memory)"}
+            "memory_method": "torch.profiler allocator peak of one fwd+bwd call (contrastgen.bench.harness.measure_memory)"}
     with open(out, "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=1)
     print(f"wrote {out} (load average {load0} -> {load1})")

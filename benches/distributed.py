@@ -8,7 +8,7 @@ alone, the others waiting at a barrier) is the reference.
 * time per step: each repeat starts at a barrier; a step takes as long as its slowest rank (max over ranks of
   ``time.perf_counter`` around the call, after ``torch.cuda.synchronize`` on GPUs); median over repeats, after
   one warm-up step;
-* peak memory per rank: ``benches.harness.measure_memory`` around one step on every rank at once (CPU:
+* peak memory per rank: ``contrastgen.bench.harness.measure_memory`` around one step on every rank at once (CPU:
   torch.profiler peak of the CPU allocator plus the RSS high-water growth; CUDA: max_memory_allocated); the
   features exist before the call and are not counted (gradients, gathered copies, buffers are);
 * agreement: per rank, the largest difference of the loss and of the feature gradients between the modes,
@@ -37,7 +37,7 @@ import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benches.harness import (CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, cpu_model, git, load_average,  # noqa: E402
+from contrastgen.bench.harness import (CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, cpu_model, git, load_average,  # noqa: E402
                              measure_memory)
 
 MODES = ("all_gather", "ring")

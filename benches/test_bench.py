@@ -4,21 +4,17 @@
     BENCH_REGIME=cuda pytest benches/test_bench.py --benchmark-only -k clip_loss
     pytest benches/test_bench.py --benchmark-only --benchmark-json out.json
 
-Each case is one op x shape x provider x mode from the registry in ``benches/cases.py`` on CUDA when
+Each case is one op x shape x provider x mode from the registry in ``contrastgen/bench/cases.py`` on CUDA when
 available (else CPU); providers that cannot run are skipped with the harness' reason.  The full
 harness (memory, ratios, peers, JSON, plot) is ``contrastgen bench``.
 """
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benches import cases as C  # noqa: E402
-from benches.run import mode_callable  # noqa: E402
+from contrastgen.bench import cases as C
+from contrastgen.bench.run import mode_callable
 
 DEVICE = os.environ.get("BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 REGIME = os.environ.get("BENCH_REGIME", "quick")

@@ -30,16 +30,23 @@ namespace {
 
 enum DType { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 
+// Vector width (2026-12-01, portable builds): 64 bytes where AVX-512 is compiled in, else 32 (AVX2) -- 64-byte
+// vectors on an AVX2 build are split into register pairs and spill (the avx2 variant measured 12x slower).
+#ifdef __AVX512F__
+#define CG_VEC_BYTES 64
+#else
+#define CG_VEC_BYTES 32
+#endif
 template <typename T> struct Vec;
 template <> struct Vec<float> {
-  typedef float type __attribute__((vector_size(64), aligned(4)));
-  typedef int32_t itype __attribute__((vector_size(64), aligned(4)));
-  static constexpr int W = 16;
+  typedef float type __attribute__((vector_size(CG_VEC_BYTES), aligned(4)));
+  typedef int32_t itype __attribute__((vector_size(CG_VEC_BYTES), aligned(4)));
+  static constexpr int W = CG_VEC_BYTES / 4;
 };
 template <> struct Vec<double> {
-  typedef double type __attribute__((vector_size(64), aligned(8)));
-  typedef int64_t itype __attribute__((vector_size(64), aligned(8)));
-  static constexpr int W = 8;
+  typedef double type __attribute__((vector_size(CG_VEC_BYTES), aligned(8)));
+  typedef int64_t itype __attribute__((vector_size(CG_VEC_BYTES), aligned(8)));
+  static constexpr int W = CG_VEC_BYTES / 8;
 };
 
 template <typename T> using V = typename Vec<T>::type;
@@ -82,7 +89,7 @@ inline V<float> vexp(V<float> x) {
 }
 inline V<double> vexp(V<double> x) {
   V<double> r;
-  for (int l = 0; l < 8; ++l) r[l] = std::exp(x[l]);
+  for (int l = 0; l < Vec<double>::W; ++l) r[l] = std::exp(x[l]);
   return r;
 }
 

@@ -1,4 +1,4 @@
-"""Fast CI check of the benchmark harness (benches/): a tiny run end to end, and its pieces."""
+"""Fast CI check of the benchmark harness (contrastgen.bench): a tiny run end to end, and its pieces."""
 import json
 import math
 import subprocess
@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from contrastgen.bench import cases as C
+from contrastgen.bench import harness as H
+from contrastgen.bench import report as R
+from contrastgen.bench.run import main
 
-from benches import cases as C  # noqa: E402
-from benches import harness as H  # noqa: E402
-from benches import report as R  # noqa: E402
-from benches.run import main  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +138,100 @@ def test_gpu_script_dry_run(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "contrastgen bench --device cuda" in p.stdout and "pytest tests" in p.stdout
+
+
+# ------------------------------------------------------------------------------------------- output, schema, spread
+def test_default_output_goes_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--quick", "--op", "uniformity", "--max-n", "512", "--budget", "0.01", "--threads", "1",
+                 "--providers", "reference", "--mode", "fwd", "--no-progress", "--no-plot"]) == 0
+    files = list((tmp_path / "contrastgen-bench").glob("*.json"))
+    assert len(files) == 1
+    doc = json.loads(files[0].read_text())
+    assert doc["schema"] == "contrastgen.bench" and doc["schema_version"] == 2
+    meta = doc["meta"]
+    for key in ("machine", "hostname", "load_average", "load_average_end", "loaded", "cpp_build"):
+        assert key in meta, key
+    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    assert ok and all(r["ms_q1"] <= r["ms"] <= r["ms_q3"] and r["iqr_pct"] >= 0 for r in ok)
+    assert all("load_average" in r for r in ok)
+
+
+def test_table_shows_spread_and_flags_a_loaded_machine(quick_run):
+    _, doc = quick_run
+    table = R.format_table(doc)
+    assert "spread" in table and "±" in table
+    loaded = json.loads(json.dumps(doc))
+    loaded["meta"]["loaded"] = True
+    assert "LOADED MACHINE" in R.format_table(loaded)
+    idle = json.loads(json.dumps(doc))
+    idle["meta"]["loaded"] = False
+    assert "LOADED MACHINE" not in R.format_table(idle)
+
+
+def test_report_never_mixes_machines_or_loads_silently(quick_run, tmp_path):
+    _, doc = quick_run
+    runs = []
+    for i, (machine, load, loaded) in enumerate([("host A", 0.2, False), ("host A", 7.5, True),
+                                                 ("host B", 0.1, False)]):
+        d = json.loads(json.dumps(doc))
+        d["meta"].update(machine=machine, hostname=machine, load_average=load, loaded=loaded,
+                         timestamp=f"2026-12-0{i + 1}T10:00:00")
+        if i == 1:      # the newer run on host A re-measured only cpp: the section mixes the two runs
+            d["results"] = [r for r in d["results"] if r["provider"] == "cpp"]
+        (tmp_path / f"run{i}.json").write_text(json.dumps(d))
+        runs.append(d)
+    md = R.markdown(R.load(tmp_path), mode="fwd+bwd")
+    assert "2 different machines" in md
+    sections = md.split("#### ")[1:]
+    assert len(sections) == 2
+    a = next(s for s in sections if "host A" in s)
+    assert "Mixed loads" in a and "*loaded*" in a and "run0.json" in a and "run1.json" in a
+    b = next(s for s in sections if "host B" in s)
+    assert "Mixed loads" not in b and "run2.json" in b
+    # every row names its run
+    rows = [ln for ln in a.splitlines() if ln.startswith("| clip_loss")]
+    assert rows and all(ln.rstrip().endswith(("| 1 |", "| 2 |")) for ln in rows)
+
+
+def test_plot_has_time_and_memory_side_by_side(quick_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    import struct
+
+    from contrastgen.bench.plot import plot_results
+    _, doc = quick_run
+    png = plot_results(doc, tmp_path / "p.png")
+    w, h = struct.unpack(">II", png.read_bytes()[16:24])
+    assert w > 1.8 * h                                         # one op: a time panel and a memory panel in one row
+
+
+def test_benches_report_shim_reads_recorded_results():
+    p = subprocess.run([sys.executable, "-m", "benches.report", "--mode", "fwd+bwd"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "####" in p.stdout and "cpu_2026-11-24" in p.stdout
+
+
+# ------------------------------------------------------------------------------------------- crossover
+def test_crossover_rule_from_timings():
+    from contrastgen.bench.crossover import crossover_pairs
+
+    def pts(wins):
+        return [{"pairs": 100 * 4 ** i, "ref_ms": 1.0, "fused_ms": 0.5 if w else 2.0} for i, w in enumerate(wins)]
+    assert crossover_pairs(pts([True, True])) == 0.0                       # the kernel always won
+    assert crossover_pairs(pts([False, False, True, True])) == pytest.approx((400 * 1600) ** 0.5)
+    assert crossover_pairs(pts([False, True, False, True, True])) == pytest.approx((1600 * 6400) ** 0.5)
+    assert crossover_pairs(pts([False, False])) == 400                     # never won: no extrapolation
+
+
+def test_crossover_command_writes_a_usable_file(tmp_path, monkeypatch):
+    out = tmp_path / "x.json"
+    assert main(["--crossover", "--op", "uniformity", "--max-n", "64", "--passes", "1", "--budget", "0.01",
+                 "--threads", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    pts = doc["rules"]["uniformity"]["cpu"]["points"]
+    assert [p["dim"] for p in pts] == [16, 64, 256] and doc["meta"]["load_average"]
+    monkeypatch.setenv("CONTRASTGEN_CROSSOVER", str(out))
+    import contrastgen
+    c = contrastgen.backend_for("uniformity", torch.randn(1000, 16))
+    assert c.backend == "cpp" and "crossover" in c.rule               # 10^6 pairs: beyond every measured size

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 import contrastgen as cg
 import contrastgen.distributed as cd
 from contrastgen.distributed import _blocks, _comm, _ring
-from contrastgen.ops import backend_available, implementations
+from contrastgen.ops import available_backends
 
 from _tolerance import assert_2x_torch
 
@@ -35,7 +35,7 @@ LL_GWG = [(True, True), (True, False), (False, True), (False, False)]
 IMPLS = cd.DIST_IMPLS
 TIMEOUT_S = 2.0                    # the short process-group timeout of the hang tests
 TOL64 = dict(rtol=1e-9, atol=1e-9)
-FUSED = tuple(b for b in ("cpp", "triton") if backend_available(b)[0] and b in implementations("infonce_core"))
+FUSED = tuple(b for b in ("cpp", "triton") if b in available_backends("infonce"))
 
 
 def _openclip_loss_module():

@@ -103,7 +103,7 @@ def test_clip_objective_is_the_fused_clip_loss():
     assert torch.allclose(loss, R.clip_loss_ref(ie, te, model.logit_scale), atol=1e-5)
     assert model.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
     loss.backward()
-    assert model.loss_fn.log_scale.grad is not None and model.visual.patch_embed.proj.weight.grad is not None
+    assert model.scale.log_scale.grad is not None and model.visual.patch_embed.proj.weight.grad is not None
 
 
 # ----------------------------------------------------------------------------------------------- prior

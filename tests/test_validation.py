@@ -97,13 +97,13 @@ def test_env_backend_and_explicit_backend(monkeypatch):
         _dispatch.resolve_backend("patch_nce", "cpp", torch.device("cpu"))
 
 
-def test_default_backend_falls_back_with_one_warning():
-    _dispatch._WARNED.discard("patch_nce:cpp")
+def test_reference_only_op_runs_the_reference_without_warning():
+    # patch_nce has no fused kernel yet (documented as reference-only): the default runs the reference silently;
+    # the warning is for kernels that exist but cannot run (test_missing_cpp_extension_falls_back_to_reference).
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         assert _dispatch.resolve_backend("patch_nce", None, torch.device("cpu")) == "torch"
-        assert _dispatch.resolve_backend("patch_nce", None, torch.device("cpu")) == "torch"
-    assert sum("falls back" in str(x.message) for x in w) == 1
+    assert not [x for x in w if "contrastgen" in str(x.message)]
 
 
 def test_every_floating_argument_gets_a_gradient():
@@ -150,5 +150,5 @@ def test_setup_skips_extensions_on_request(monkeypatch):
     exec(compile(src, str(root / "setup.py"), "exec"), mod.__dict__)
     assert mod.extensions() == []
     monkeypatch.delenv("CONTRASTGEN_SKIP_CPP")
-    names = sorted(e.name for e in mod.extensions())
+    names = sorted({e.name.rsplit("_", 1)[0] for e in mod.extensions()})     # contrastgen._cpp_<stem>_<variant>
     assert names == sorted(f"contrastgen._cpp_{p.stem}" for p in (root / "csrc").glob("*.cpp")) and names

@@ -142,7 +142,7 @@ def clip_loss(image, text, logit_scale, logit_bias=None, *, mode="all_gather", l
             raise ValueError(f"mode='ring' computes this rank's rows and columns and sends the key gradients back to "
                              f"their owners (local_loss=True, gather_with_grad=True); got local_loss={local_loss}, "
                              f"gather_with_grad={gather_with_grad}: use mode='all_gather' for those")
-        return scale, bias, resolve_backend("infonce_core", backend, image.device)
+        return scale, bias, resolve_backend("infonce", backend, image.device)
 
     rank, world, table, (scale, bias, name) = _start(
         what, group, image,
@@ -198,7 +198,7 @@ def info_nce(query, key, *, temperature=0.07, labels=None, mode="all_gather", gr
         if labels is not None:
             V.check_labels("labels", labels, query.shape[0], query)
         V.check_choice("mode", mode, MODES)
-        return t, resolve_backend("infonce_core", backend, query.device)
+        return t, resolve_backend("infonce", backend, query.device)
 
     rank, world, table, (t, name) = _start(
         what, group, query,
@@ -243,7 +243,7 @@ def siglip_loss(image, text, logit_scale, logit_bias, *, dist_impl="bidir", grou
         scale = V.check_positive_scalar("logit_scale", logit_scale, like=image)
         bias = V.check_finite_scalar("logit_bias", logit_bias)
         V.check_choice("dist_impl", dist_impl, DIST_IMPLS)
-        return scale, bias, resolve_backend("siglip_core", backend, image.device)
+        return scale, bias, resolve_backend("siglip", backend, image.device)
 
     rank, world, table, (scale, bias, name) = _start(
         what, group, image,

@@ -5,7 +5,7 @@
   also returns the per-token features, which the prior is conditioned on.
 * :func:`vit_image_tower` -- a timm VisionTransformer built from its configuration (ViT-tiny width 192, 3 heads;
   depth and patch size configurable; nothing is downloaded), its head projecting to the joint space.
-* :class:`CLIP` -- both towers and :class:`contrastgen.nn.ClipLoss` (learnable log-scale, init ln(1/0.07), clamped to
+* :class:`CLIP` -- both towers, :class:`contrastgen.nn.ClipLoss` and :class:`contrastgen.nn.LogitScale` (learnable log-scale, init ln(1/0.07), clamped to
   ln 100): the CLIP objective on the fused InfoNCE core.
 * :class:`DiffusionPrior` -- maps a CLIP text embedding (and the text's token features) to a CLIP image embedding.
   As in the paper (and lucidrains/DALLE2-pytorch's ``DiffusionPriorNetwork``): a decoder-only (causal) transformer
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import ClipLoss
+from ..nn import ClipLoss, LogitScale
 
 
 # ----------------------------------------------------------------------------------------------- towers
@@ -96,6 +96,7 @@ class CLIP(nn.Module):
     def __init__(self, image_tower: nn.Module, text_tower: TextTransformer, backend=None):
         super().__init__()
         self.visual, self.text = image_tower, text_tower
+        self.scale = LogitScale.clip()          # learnable exp(theta), init 1/0.07, clamped to [1, 100]
         self.loss_fn = ClipLoss(backend=backend)
 
     def encode_image(self, images):
@@ -107,11 +108,11 @@ class CLIP(nn.Module):
 
     def forward(self, images, ids):
         """The CLIP loss of a batch of paired (image, caption)."""
-        return self.loss_fn(self.encode_image(images), self.encode_text(ids)[0])
+        return self.loss_fn(self.encode_image(images), self.encode_text(ids)[0], self.scale())
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        return self.loss_fn.log_scale.exp()
+        return self.scale.log_scale.exp()
 
 
 # ----------------------------------------------------------------------------------------------- prior

@@ -7,10 +7,11 @@ Each public function resolves the backend of its op (the table in ``_backends.py
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .. import reference as ref
 from . import _validate as V
@@ -19,6 +20,7 @@ from .dispersive import dispersive_core, uniformity_core
 from .infonce import infonce_core, siglip_core
 from .infonce_paired import infonce_paired_core
 
+Scalar = Union[float, Tensor]      # a python number or a 0-d tensor (learnable scales and temperatures)
 POSITIVES = ("diagonal", "supcon", "pml")
 SIMILARITIES = ("dot", "cosine")
 REDUCTIONS = ("none", "mean", "sum")
@@ -34,9 +36,11 @@ def _zero_grad_anchor(loss: torch.Tensor, *tensors) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- CLIP / InfoNCE family
-def info_nce(query, key=None, *, temperature=0.07, labels=None, key_labels=None, positives="diagonal",
-             negatives=None, in_batch_negatives=None, symmetric=False, reduction="mean", similarity="dot",
-             backend=None):
+def info_nce(query: Tensor, key: Optional[Tensor] = None, *, temperature: Scalar = 0.07,
+             labels: Optional[Tensor] = None, key_labels: Optional[Tensor] = None, positives: str = "diagonal",
+             negatives: Optional[Tensor] = None, in_batch_negatives: Optional[bool] = None, symmetric: bool = False,
+             reduction: str = "mean", similarity: str = "dot",
+             backend: Optional[str] = None) -> Tensor:
     """General InfoNCE; see :func:`contrastgen.reference.info_nce_ref` for the exact definition.
 
     query (N, D); key (M, D) or None (the queries are the keys, self-pairs excluded); labels (N,) and
@@ -110,7 +114,7 @@ def info_nce(query, key=None, *, temperature=0.07, labels=None, key_labels=None,
     if paired:
         return _info_nce_paired(query, key, negatives, temperature, labels, key_labels, positives, in_batch_negatives,
                                 reduction, backend)
-    name = resolve_backend("infonce", backend, query.device)
+    name = resolve_backend("infonce", backend, query.device, api="info_nce", shape=(n, m + (0 if negatives is None else negatives.shape[0]), query.shape[1]))
     if name == "torch":
         return ref.info_nce_ref(query, key, temperature=temperature, labels=labels, key_labels=key_labels,
                                 positives=positives, negatives=negatives, in_batch_negatives=in_batch_negatives,
@@ -168,7 +172,8 @@ def _check_pair(image, text):
         raise ValueError(f"image and text must have the same shape (N, D): image {tuple(image.shape)}, text {tuple(text.shape)}")
 
 
-def clip_loss(image, text, logit_scale, logit_bias=None, *, backend=None):
+def clip_loss(image: Tensor, text: Tensor, logit_scale: Scalar, logit_bias: Optional[Scalar] = None, *,
+              backend: Optional[str] = None) -> Tensor:
     """OpenCLIP ``ClipLoss``: symmetric cross-entropy of ``logit_scale * image @ text.T (+ logit_bias)``.
 
     ``logit_scale`` is the multiplier (already exponentiated).  image, text: (N, D) -> scalar."""
@@ -176,7 +181,7 @@ def clip_loss(image, text, logit_scale, logit_bias=None, *, backend=None):
     logit_scale = V.check_positive_scalar("logit_scale", logit_scale, like=image)
     if logit_bias is not None:
         logit_bias = V.check_finite_scalar("logit_bias", logit_bias)
-    name = resolve_backend("infonce", backend, image.device)
+    name = resolve_backend("infonce", backend, image.device, api="clip_loss", shape=(image.shape[0], text.shape[0], image.shape[1]))
     if name == "torch":
         return ref.clip_loss_ref(image, text, logit_scale, logit_bias)
     scale = V.to_scalar_tensor(logit_scale, image)
@@ -185,19 +190,20 @@ def clip_loss(image, text, logit_scale, logit_bias=None, *, backend=None):
     return _zero_grad_anchor(loss, logit_bias).to(image.dtype)
 
 
-def siglip_loss(image, text, logit_scale, logit_bias, *, backend=None):
+def siglip_loss(image: Tensor, text: Tensor, logit_scale: Scalar, logit_bias: Scalar, *,
+                backend: Optional[str] = None) -> Tensor:
     """OpenCLIP ``SigLipLoss``: ``-(1/N) sum_ij log sigmoid(y_ij (logit_scale x_i.y_j + logit_bias))``."""
     _check_pair(image, text)
     logit_scale = V.check_positive_scalar("logit_scale", logit_scale, like=image)
     logit_bias = V.check_finite_scalar("logit_bias", logit_bias)
-    name = resolve_backend("siglip", backend, image.device)
+    name = resolve_backend("siglip", backend, image.device, api="siglip_loss", shape=(image.shape[0], text.shape[0], image.shape[1]))
     if name == "torch":
         return ref.siglip_loss_ref(image, text, logit_scale, logit_bias)
     row = siglip_core(name, image, text, V.to_scalar_tensor(logit_scale, image), V.to_scalar_tensor(logit_bias, image))
     return (row.sum() / image.shape[0]).to(image.dtype)
 
 
-def nt_xent(z1, z2, *, temperature=0.5, backend=None):
+def nt_xent(z1: Tensor, z2: Tensor, *, temperature: Scalar = 0.5, backend: Optional[str] = None) -> Tensor:
     """SimCLR NT-Xent over two views z1, z2 (N, D): cosine similarity / temperature, positive = other view."""
     V.check_tensor("z1", z1, ndim=2)
     V.check_tensor("z2", z2, ndim=2)
@@ -205,7 +211,7 @@ def nt_xent(z1, z2, *, temperature=0.5, backend=None):
     if z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must have the same shape (N, D): z1 {tuple(z1.shape)}, z2 {tuple(z2.shape)}")
     temperature = V.check_positive_scalar("temperature", temperature, like=z1)
-    name = resolve_backend("infonce", backend, z1.device)
+    name = resolve_backend("infonce", backend, z1.device, api="nt_xent", shape=(2 * z1.shape[0], 2 * z1.shape[0], z1.shape[1]))
     if name == "torch":
         return ref.nt_xent_ref(z1, z2, temperature)
     n = z1.shape[0]
@@ -217,7 +223,8 @@ def nt_xent(z1, z2, *, temperature=0.5, backend=None):
 
 
 # --------------------------------------------------------------------------- dispersive family
-def dispersive_loss(z, *, variant="infonce_l2", tau=0.5, margin=1.0, grouped=False, backend=None):
+def dispersive_loss(z: Tensor, *, variant: str = "infonce_l2", tau: float = 0.5, margin: float = 1.0,
+                    grouped: bool = False, backend: Optional[str] = None) -> Tensor:
     """Dispersive Loss (Wang & He 2025) of B samples flattened to M features.
 
     z (B, ...) -> scalar; with ``grouped=True`` z (G, B, ...) -> (G,) (G independent groups in one call).
@@ -231,7 +238,7 @@ def dispersive_loss(z, *, variant="infonce_l2", tau=0.5, margin=1.0, grouped=Fal
     z3 = z if grouped else z.unsqueeze(0)
     if variant == "covariance" and z3.shape[1] < 2:
         raise ValueError(f"variant='covariance' needs at least 2 samples per group, got z of shape {tuple(z.shape)}")
-    name = resolve_backend("dispersive", backend, z.device)
+    name = resolve_backend("dispersive", backend, z.device, api="dispersive_loss", shape=(z3.shape[0] * z3.shape[1], z3.shape[1], z3[0, 0].numel()))
     if name == "torch":
         out = ref.dispersive_loss_ref(z3, variant=variant, tau=tau, margin=margin, grouped=True)
     else:
@@ -239,19 +246,19 @@ def dispersive_loss(z, *, variant="infonce_l2", tau=0.5, margin=1.0, grouped=Fal
     return out if grouped else out[0]
 
 
-def uniformity(x, *, t=2.0, backend=None):
+def uniformity(x: Tensor, *, t: float = 2.0, backend: Optional[str] = None) -> Tensor:
     """Wang & Isola uniformity ``log mean_{i<j} exp(-t ||x_i - x_j||^2)`` of x (N, D), N >= 2."""
     V.check_tensor("x", x, min_ndim=2)
     t = V.check_positive_scalar("t", t)
     if x.shape[0] < 2:
         raise ValueError(f"uniformity needs at least 2 samples, got x of shape {tuple(x.shape)}")
-    name = resolve_backend("uniformity", backend, x.device)
+    name = resolve_backend("uniformity", backend, x.device, api="uniformity", shape=(x.shape[0], x.shape[0], x[0].numel()))
     if name == "torch":
         return ref.uniformity_ref(x, t=t)
     return uniformity_core(name, x.reshape(x.shape[0], -1), t).to(x.dtype)
 
 
-def alignment(x, y, *, alpha=2.0):
+def alignment(x: Tensor, y: Tensor, *, alpha: float = 2.0) -> Tensor:
     """Wang & Isola alignment ``mean_i ||x_i - y_i||^alpha`` (PyTorch; memory-bound and tiny)."""
     V.check_tensor("x", x, min_ndim=2)
     V.check_tensor("y", y, min_ndim=2)
@@ -263,7 +270,9 @@ def alignment(x, y, *, alpha=2.0):
 
 
 # --------------------------------------------------------------------------- PatchNCE
-def patch_nce(query, key, *, temperature=0.07, all_negatives_from_minibatch=False, detach_key=True, backend=None):
+def patch_nce(query: Union[Tensor, Sequence[Tensor]], key: Union[Tensor, Sequence[Tensor]], *,
+              temperature: float = 0.07, all_negatives_from_minibatch: bool = False, detach_key: bool = True,
+              backend: Optional[str] = None) -> Tensor:
     """CUT PatchNCE: query/key (B, P, C), or equal-length lists of them (one per layer) -> mean over layers."""
     qs = [query] if isinstance(query, torch.Tensor) else list(query)
     ks = [key] if isinstance(key, torch.Tensor) else list(key)
@@ -276,14 +285,15 @@ def patch_nce(query, key, *, temperature=0.07, all_negatives_from_minibatch=Fals
         if q.shape != k.shape:
             raise ValueError(f"query[{i}] and key[{i}] must have the same shape (B, P, C): {tuple(q.shape)} vs {tuple(k.shape)}")
     temperature = V.check_positive_scalar("temperature", temperature)
-    resolve_backend("patch_nce", backend, qs[0].device)
+    resolve_backend("patch_nce", backend, qs[0].device, api="patch_nce")
     return ref.patch_nce_ref(qs, ks, temperature=temperature, all_negatives_from_minibatch=all_negatives_from_minibatch,
                              detach_key=detach_key)
 
 
 # --------------------------------------------------------------------------- CONFORM
-def attention_nce(maps, token_groups: Sequence[Sequence[int]], *, prev_maps=None, temperature=0.5,
-                  softmax_normalize=False, smoothing="conform", loss="ntxent", backend=None):
+def attention_nce(maps: Tensor, token_groups: Sequence[Sequence[int]], *, prev_maps: Optional[Tensor] = None,
+                  temperature: float = 0.5, softmax_normalize: bool = False, smoothing: Optional[str] = "conform",
+                  loss: str = "ntxent", backend: Optional[str] = None) -> Tensor:
     """CONFORM's contrastive loss over cross-attention maps (H, W, 77) -> scalar or (B, H, W, 77) -> (B,)."""
     V.check_tensor("maps", maps, ndim=(3, 4))
     if maps.shape[-1] < 3:
@@ -314,6 +324,6 @@ def attention_nce(maps, token_groups: Sequence[Sequence[int]], *, prev_maps=None
             seen.add(t)
     if maps.shape[-3] < 2 or maps.shape[-2] < 2:
         raise ValueError(f"maps must be at least 2x2 spatially for the reflect-padded smoothing, got {tuple(maps.shape)}")
-    resolve_backend("attention_nce", backend, maps.device)
+    resolve_backend("attention_nce", backend, maps.device, api="attention_nce")
     return ref.attention_nce_ref(maps, token_groups, prev_maps=prev_maps, temperature=temperature,
                                  softmax_normalize=softmax_normalize, smoothing=smoothing, loss=loss)

@@ -6,6 +6,11 @@ Examples::
     contrastgen bench --op clip_loss,siglip_loss --device cuda --dtype bfloat16 --mode fwd+bwd
     contrastgen bench --list                        # the registry
     contrastgen bench --device cuda --dry-run       # what would run / be skipped, without timing
+    contrastgen bench --crossover                   # where the dense reference beats the kernel (the default's rule)
+    contrastgen bench report [--dir DIR]            # markdown across saved runs
+
+Results go to ``--out DIR`` (default ``./contrastgen-bench/`` in the working directory): one JSON per run
+(schema ``contrastgen.bench/2``, see :data:`SCHEMA_VERSION` and the README) and a PNG next to it.
 
 Every provider that cannot run a case is recorded as ``skipped`` with the reason; one that fails at
 run time (OOM, unsupported input) as ``failed`` with the error; neither stops the run.  Results are
@@ -29,8 +34,9 @@ import torch
 from . import cases as C
 from . import harness as H
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "benches" / "results"
+SCHEMA = "contrastgen.bench"
+SCHEMA_VERSION = 2
+DEFAULT_OUT = "contrastgen-bench"          # relative to the working directory
 # torch.compile needs ~5-30 s per graph on CPU and KeOps ~15 s per formula on first use: too slow for --quick.
 _JIT = "not in --quick (JIT compilation takes ~5-30 s per graph/formula); add with --providers all"
 QUICK_EXCLUDED = {"compile": _JIT, "keops": _JIT}
@@ -56,8 +62,9 @@ def parse_args(argv):
     p.add_argument("--providers", action="append", help=f"subset of {', '.join(C.PROVIDERS)}, or 'all'")
     p.add_argument("--shapes", choices=["quick", "cpu", "cuda"], help="shape regime (default: from device/--quick)")
     p.add_argument("--max-n", type=int, help="drop shapes whose x-axis size exceeds this")
-    p.add_argument("--json", help="output path (default benches/results/<device>_<date>_<tag>.json)")
-    p.add_argument("--out-dir", help="folder for the default-named JSON/PNG (default benches/results)")
+    p.add_argument("--out", "--out-dir", dest="out_dir", metavar="DIR",
+                   help=f"folder for the JSON and PNG (default ./{DEFAULT_OUT}/ in the working directory)")
+    p.add_argument("--json", help="output path of the JSON (default DIR/<device>_<date>_<tag>.json)")
     p.add_argument("--tag", help="file-name tag (default: quick / full)")
     p.add_argument("--budget", type=float, help="seconds of timed repeats per case (default 0.1 quick, 0.5 else)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default os.cpu_count(); use 1 on a busy machine)")
@@ -68,6 +75,11 @@ def parse_args(argv):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--list", action="store_true", help="list ops, shapes and providers, then exit")
     p.add_argument("--dry-run", action="store_true", help="resolve cases and providers, time nothing")
+    p.add_argument("--crossover", action="store_true", help="measure where the dense reference is faster than the "
+                   "fused kernel (the default backend's shape rule) for --op (default: every measured op)")
+    p.add_argument("--passes", type=int, default=2, help="--crossover: sweeps to run (the smallest crossover is kept)")
+    p.add_argument("--update-package", action="store_true", help="--crossover: write the result into the "
+                   "package's crossover.json (maintainers)")
     return p.parse_args(argv)
 
 
@@ -93,6 +105,14 @@ def device_slug(device):
     return "cuda-" + (re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu")
 
 
+def _cpp_build():
+    from contrastgen.ops import _backends
+    try:
+        return _backends.cpp_build_info()
+    except Exception as e:  # noqa: BLE001 (metadata must never stop a run)
+        return {"error": _err(e)}
+
+
 def metadata(args, argv, device, dtypes):
     import contrastgen
     from contrastgen.ops import BACKEND_TABLE, available_backends, backend_available
@@ -110,14 +130,17 @@ def metadata(args, argv, device, dtypes):
             "open_clip_torch": _version("open_clip_torch"), "pytorch_metric_learning": _version("pytorch-metric-learning"),
             "pykeops": _version("pykeops"), "inf_cl": _version("inf-cl"),
         },
-        "git_commit": H.git("rev-parse", "HEAD"),
+        "git_commit": H.git("rev-parse", "HEAD") or H.build_commit(),
         "git_dirty": bool(H.git("status", "--porcelain", "--untracked-files=no")),
+        "hostname": platform.node(),
+        "machine": H.machine_id(device),
         "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "contrastgen bench " + " ".join(argv),
         "argv": list(argv),
         "quick": bool(args.quick),
         "dtypes": [str(d).replace("torch.", "") for d in dtypes],
         "backends": {b: dict(zip(("available", "why_not"), backend_available(b))) for b in ("cpp", "triton")},
+        "cpp_build": _cpp_build(),
         "registered": {op: sorted(available_backends(op)) for op in BACKEND_TABLE},
         "timing": ("CUDA events, L2 flushed before each call, median" if device == "cuda" else
                    "time.perf_counter, median of repeats after warm-up"),
@@ -218,7 +241,7 @@ def list_registry(args):
 
 def default_json_path(device, tag, out_dir=None):
     date = _dt.date.today().isoformat()
-    return Path(out_dir or RESULTS_DIR) / f"{device_slug(device)}_{date}_{tag}.json"
+    return Path(out_dir or DEFAULT_OUT) / f"{device_slug(device)}_{date}_{tag}.json"
 
 
 def write_json(path, doc):
@@ -278,15 +301,18 @@ def main(argv=None):
     args = parse_args(argv)
     if args.list:
         return list_registry(args)
+    if args.crossover:
+        from .crossover import main as crossover_main
+        return crossover_main(args, Path(args.out_dir or DEFAULT_OUT))
     device, regime, dtypes, modes, providers, excluded, specs = plan(args)
     if device == "cuda" and not torch.cuda.is_available() and not args.dry_run:
         raise SystemExit("--device cuda: no CUDA device here (use --dry-run to only list the cases)")
     threads = H.setup_threads(args.threads)
     load = H.load_average()
-    if device == "cpu" and load is not None and threads > 1 and load > 0.75 * (os.cpu_count() or 1):
+    if H.is_loaded(load, 0):
         print(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other processes compete for the "
-              f"CPU and {threads}-thread timings of small ops will be inflated; consider --threads 1",
-              file=sys.stderr)
+              f"CPU and {threads}-thread timings will be inflated and noisy" +
+              ("; consider --threads 1" if device == "cpu" and threads > 1 else ""), file=sys.stderr)
     budget = args.budget if args.budget is not None else (0.1 if args.quick else 0.5)
     tag = args.tag or ("quick" if args.quick else "full")
     json_path = Path(args.json) if args.json else default_json_path(device, tag, args.out_dir)
@@ -297,7 +323,7 @@ def main(argv=None):
     meta["load_average"] = load
     meta["regime"] = regime
     meta["budget_s"] = budget
-    doc = {"meta": meta, "results": [], "checks": []}
+    doc = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "meta": meta, "results": [], "checks": []}
     results, checks = doc["results"], doc["checks"]
     avail = H.available_bytes(device) if not args.dry_run or device == "cpu" else 0
     # A CPU OOM can kill the process: skip dense cases that would not fit.  A CUDA OOM is caught and
@@ -390,7 +416,8 @@ def main(argv=None):
                     t = H.time_fn(call, device, warmup=0 if device == "cpu" else 2, budget_s=budget,
                                   max_reps=50 if device == "cpu" else 200)
                     row.update(status="ok", ms=t.ms, ms_min=t.ms_min, ms_q1=t.ms_q1, ms_q3=t.ms_q3, reps=t.reps,
-                               peak_mib=mem.peak_mib)
+                               iqr_pct=100.0 * (t.ms_q3 - t.ms_q1) / t.ms if t.ms > 0 else None,
+                               peak_mib=mem.peak_mib, load_average=H.load_average())
                     if mem.rss_peak_mib is not None:
                         row["rss_peak_mib"] = mem.rss_peak_mib
                 except Exception as e:  # noqa: BLE001 (OOM, unsupported input, compile error, ...)
@@ -411,11 +438,16 @@ def main(argv=None):
     if bar:
         bar.close()
     meta["wall_s"] = time.perf_counter() - t_start
+    meta["load_average_end"] = H.load_average()
+    meta["loaded"] = H.run_is_loaded(meta, results)
     add_derived(results, meta)
     if write:
         write_json(json_path, doc)
+    from .crossover import summary
     from .report import format_table
     print(format_table(doc))
+    if device == "cpu" or args.quick:
+        print("\nDefault backend (backend=None): " + summary())
     if write:
         print(f"\nJSON: {json_path}")
     if not args.no_plot and not args.dry_run:

@@ -104,7 +104,8 @@ def _lazy(module: str, pip_name: str):
     try:
         return importlib.import_module(module)
     except Exception as e:  # ImportError, or a broken install raising something else at import
-        raise Skip(f"{pip_name} not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        raise Skip(f"{pip_name} not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                   "pip install 'contrastgen[bench]'")
 
 
 def _keops(dtype):

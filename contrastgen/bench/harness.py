@@ -225,14 +225,60 @@ def available_bytes(device: str) -> int:
 
 
 # --------------------------------------------------------------------------- run metadata (shared by every bench script)
-def git(*args) -> str:
-    """``git ARGS`` in the repository, or "" where git is unavailable."""
+def _source_root() -> Optional[str]:
+    """The checkout the package is imported from (editable install / PYTHONPATH), or None (an installed wheel)."""
     import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except Exception:
+        return None
+    return root if top and os.path.realpath(top) == os.path.realpath(root) else None
+
+
+def git(*args) -> str:
+    """``git ARGS`` in the checkout the package runs from, or "" (no git, or an installed wheel: the commit of
+    some unrelated repository around the working directory or site-packages is never recorded)."""
+    import subprocess
+    root = _source_root()
+    if root is None:
+        return ""
     try:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:
         return ""
+
+
+def build_commit() -> str:
+    """The commit an installed build was made from (recorded at build time), or ""."""
+    try:
+        from contrastgen.ops import _backends
+        return str(_backends.cpp_build_info().get("build", {}).get("git_commit") or "")
+    except Exception:
+        return ""
+
+
+def machine_id(device: str) -> str:
+    """What makes timings comparable across runs: the device's name, the core count and the host."""
+    import platform
+    name = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else cpu_model()
+    return f"{name} | {os.cpu_count()} cores | {platform.node()}"
+
+
+def is_loaded(load: Optional[float], own_threads: int = 0) -> bool:
+    """True when other processes keep more than half the cores busy (1-min load average minus our threads)."""
+    cores = os.cpu_count() or 1
+    return load is not None and load - own_threads > 0.5 * cores
+
+
+def run_is_loaded(meta: dict, results: list) -> bool:
+    """A run counts as loaded if the machine was loaded when it started or during most of its cases."""
+    if is_loaded(meta.get("load_average")):
+        return True
+    own = meta.get("torch_threads") or 1
+    loads = sorted(r["load_average"] for r in results if r.get("load_average") is not None)
+    return bool(loads) and is_loaded(statistics.median(loads), own)
 
 
 def cpu_model() -> str:
