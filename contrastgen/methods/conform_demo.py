@@ -394,7 +394,7 @@ def _git_commit() -> str:
         return ""
 
 
-def run(out_dir, *, train_steps: int = 1200, batch: int = 32, width: int = 32, seeds: int = 2,
+def run(out_dir, *, train_steps: int = 1000, batch: int = 16, width: int = 32, seeds: int = 2,
         n_prompts: Optional[int] = None, steps: int = 50, gen_batch: int = 16, guidance_scale: float = 5.0,
         scale_factor: float = 20.0, softmax_normalize: bool = True, seed: int = 0, log=print) -> dict:
     """Train, generate held-out prompts with and without CONFORM, score, write PNGs and JSON; returns the JSON."""
@@ -475,8 +475,8 @@ def run(out_dir, *, train_steps: int = 1200, batch: int = 32, width: int = 32, s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="contrastgen demo conform", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "benches" / "results" / "demo_conform"))
-    ap.add_argument("--train-steps", type=int, default=1200)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--train-steps", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--seeds", type=int, default=2, help="images per held-out prompt and setting")
     ap.add_argument("--prompts", type=int, default=None, help="use only the first N held-out prompts")
