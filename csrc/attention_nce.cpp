@@ -5,7 +5,8 @@
 //   forward  : X = token values (optionally softmax over tokens of 100 A), Xs = separable smoothing of X
 //              (reflect-padded by PAD, kernel size KS), E = Xs or its softmax over positions (stats M, L saved),
 //              U = E^T E (N x N), loss from U (NT-Xent, PML convention, or the contrastive loss).
-//              Saved for the backward: X (B x HW x N), U and the spatial-softmax stats, in the input dtype.
+//              Saved for the backward: X (B x HW x N), U and the spatial-softmax stats, in the input dtype, and
+//              with the token softmax its output y (B x HW x T), so that the backward computes no exp.
 //   backward : dL/dU (N x N) from U, dE = E (G + G^T), through the spatial softmax, dX = S^T dXs, through the
 //              token softmax (y recomputed from A) into dA (B x H x W x T, zeros outside the selected tokens).
 // Columns 0..KP-1 are the prompt's tokens (label -1: padding), KP..2KP-1 the previous-step maps (no gradient).
@@ -83,27 +84,108 @@ inline void softmax_stats(const T* a, int Tn, double& m_out, double& l_out) {
   }
 }
 
+// 16 float lanes (GCC vector extensions; AVX-512 with -march=native): the scalar fexp above does not vectorise
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+inline v16f vexp16(v16f x) {
+  const v16f lo = v16f{} - 87.0f;
+  x = x < lo ? lo : x;                                   // NaN compares false: stays NaN
+  const v16f t = x * 1.44269504088896341f + 0.5f;
+  v16f fx = __builtin_convertvector(__builtin_convertvector(t, v16i), v16f);
+  fx = fx > t ? fx - 1.0f : fx;                          // floor
+  const v16f r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  v16f p = v16f{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const v16i bits = (__builtin_convertvector(fx, v16i) + 127) << 23;
+  v16f scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// y = softmax over tokens 1..T-2 of 100 a (one pixel, 0 at the first and last channel): one exp per channel.
+// float: the row is copied into a padded buffer of whole 16-lane vectors (padding lanes: -1e30 -> exp ~1e-38,
+// far below the sum's resolution since the sum is >= 1); max, exp, sum and scaling all in vectors.
+template <typename T>
+inline void softmax_row(const T* a, int Tn, T* y) {
+  const int n = Tn - 2;
+  if constexpr (std::is_same<T, float>::value) {
+    constexpr int MAXC = 256;   // channels handled in vectors; longer rows take the scalar path below
+    if (n <= MAXC) {
+      alignas(64) float buf[MAXC];
+      const int nv = (n + 15) / 16;
+      std::memcpy(buf, a + 1, sizeof(float) * n);
+      for (int k = n; k < nv * 16; ++k) buf[k] = -1e30f;
+      v16f vm = v16f{} - std::numeric_limits<float>::infinity();
+      v16i bad = v16i{};
+      for (int c = 0; c < nv; ++c) {
+        v16f v;
+        std::memcpy(&v, buf + 16 * c, sizeof(v));
+        bad |= (v != v);
+        vm = v > vm ? v : vm;
+      }
+      float m = vm[0];
+      int anybad = 0;
+      for (int k = 0; k < 16; ++k) { m = std::max(m, vm[k]); anybad |= bad[k]; }
+      m *= 100.0f;
+      v16f vs = v16f{};
+      for (int c = 0; c < nv; ++c) {
+        v16f v;
+        std::memcpy(&v, buf + 16 * c, sizeof(v));
+        v = vexp16(v * 100.0f - m);
+        vs += v;
+        std::memcpy(buf + 16 * c, &v, sizeof(v));
+      }
+      double l = 0.0;
+      for (int k = 0; k < 16; ++k) l += (double)vs[k];
+      const float inv = (anybad || !std::isfinite(m) || !std::isfinite(l)) ? std::numeric_limits<float>::quiet_NaN()
+                                                                          : (float)(1.0 / l);
+      for (int c = 0; c < nv; ++c) {
+        v16f v;
+        std::memcpy(&v, buf + 16 * c, sizeof(v));
+        v *= inv;
+        std::memcpy(buf + 16 * c, &v, sizeof(v));
+      }
+      std::memcpy(y + 1, buf, sizeof(float) * n);
+      y[0] = 0; y[Tn - 1] = 0;
+      return;
+    }
+  }
+  T m = -std::numeric_limits<T>::infinity();
+  bool nan = false;
+  for (int c = 1; c < Tn - 1; ++c) { m = std::max(m, (T)100 * a[c]); nan |= a[c] != a[c]; }
+  double l = 0.0;
+  for (int c = 1; c < Tn - 1; ++c) { y[c] = (T)texp<T>(100.0 * (double)a[c] - (double)m); l += (double)y[c]; }
+  const T inv = (nan || !std::isfinite((double)m) || !std::isfinite(l)) ? std::numeric_limits<T>::quiet_NaN() : (T)(1.0 / l);
+  y[0] = 0; y[Tn - 1] = 0;
+  for (int c = 1; c < Tn - 1; ++c) y[c] *= inv;
+}
+
 inline int reflect(int r, int n) {
   if (r < 0) r = -r;
   if (r > n - 1) r = 2 * (n - 1) - r;
   return r;
 }
 
-// token values of one prompt's maps A (HW x T) into X[:, col0 : col0 + KP] (HW x N, row-major)
+// token values of one prompt's maps A (HW x T) into X[:, col0 : col0 + KP] (HW x N, row-major); with Y != nullptr
+// (token softmax only) also the whole softmax y (HW x T, 0 at the first and last channel), saved for the backward
 template <typename T>
-void token_values(const T* A, const int32_t* tok, const int32_t* lab, const Shape& s, int col0, double* X) {
+void token_values(const T* A, const int32_t* tok, const int32_t* lab, const Shape& s, int col0, double* X,
+                  T* Y = nullptr) {
   const int HW = s.H * s.W;
+  std::vector<T> row(s.softmax && !Y ? s.T : 0);
   for (int p = 0; p < HW; ++p) {
     const T* a = A + (int64_t)p * s.T;
     double* x = X + (int64_t)p * s.N + col0;
     if (s.softmax) {
-      double m, l;
-      softmax_stats(a, s.T, m, l);
-      if (!std::isfinite(m) || !std::isfinite(l)) {   // NaN / Inf anywhere in the row: NaN row, as torch.softmax
-        for (int k = 0; k < s.KP; ++k) x[k] = std::numeric_limits<double>::quiet_NaN();
-        continue;
-      }
-      for (int k = 0; k < s.KP; ++k) x[k] = texp<T>(100.0 * (double)a[tok[k]] - m) / l;
+      T* y = Y ? Y + (int64_t)p * s.T : row.data();
+      softmax_row(a, s.T, y);
+      for (int k = 0; k < s.KP; ++k) x[k] = (double)y[tok[k]];
     } else {
       for (int k = 0; k < s.KP; ++k) x[k] = (double)a[tok[k]];
     }
@@ -298,7 +380,7 @@ Compact compact(const int32_t* tok, const int32_t* lab, const Shape& s) {
 }
 
 template <typename T>
-void fwd_impl(const Arrays<T>& a, const Shape& S, T* loss, T* xbuf, T* gram, T* stats) {
+void fwd_impl(const Arrays<T>& a, const Shape& S, T* loss, T* xbuf, T* gram, T* stats, T* ybuf) {
   const int HW = S.H * S.W, NF = S.N;
   const int64_t HWo = (int64_t)S.Ho * S.Wo;
 #pragma omp parallel
@@ -311,7 +393,8 @@ void fwd_impl(const Arrays<T>& a, const Shape& S, T* loss, T* xbuf, T* gram, T* 
       const int N = s.N;
       X.assign((size_t)HW * N, 0.0); Xs.assign((size_t)HWo * N, 0.0); U.assign((size_t)N * N, 0.0);
       M.assign(N, 0.0); L.assign(N, 1.0);
-      token_values(a.maps + (int64_t)b * HW * S.T, c.tok.data(), c.lab.data(), s, 0, X.data());
+      token_values(a.maps + (int64_t)b * HW * S.T, c.tok.data(), c.lab.data(), s, 0, X.data(),
+                   ybuf ? ybuf + (int64_t)b * HW * S.T : nullptr);
       if (s.has_prev) token_values(a.prev + (int64_t)b * HW * S.T, c.tok.data(), c.lab.data(), s, s.KP, X.data());
       T* xb = xbuf + (int64_t)b * HW * NF;
       std::fill(xb, xb + (int64_t)HW * NF, (T)0);
@@ -344,7 +427,7 @@ void fwd_impl(const Arrays<T>& a, const Shape& S, T* loss, T* xbuf, T* gram, T* 
 
 template <typename T>
 void bwd_impl(const Arrays<T>& a, const Shape& S, const T* grad, const T* loss, const T* xbuf, const T* gram,
-              const T* stats, T* dA) {
+              const T* stats, const T* ybuf, T* dA) {
   const int HW = S.H * S.W, NF = S.N;
   const int64_t HWo = (int64_t)S.Ho * S.Wo;
 #pragma omp parallel
@@ -408,6 +491,16 @@ void bwd_impl(const Arrays<T>& a, const Shape& S, const T* grad, const T* loss, 
           for (int k = 0; k < KP; ++k) out[c.tok[k]] = (T)g[k];
           continue;
         }
+        if (ybuf) {   // the forward's softmax: no exp here
+          const T* y = ybuf + (int64_t)b * HW * S.T + (int64_t)p * S.T;
+          double gy = 0.0;
+          for (int k = 0; k < KP; ++k) gy += g[k] * (double)y[c.tok[k]];
+          std::fill(gfull.begin(), gfull.end(), -gy);
+          for (int k = 0; k < KP; ++k) gfull[c.tok[k]] += g[k];
+          out[0] = 0; out[S.T - 1] = 0;
+          for (int c2 = 1; c2 < S.T - 1; ++c2) out[c2] = (T)(100.0 * (double)y[c2] * gfull[c2]);
+          continue;
+        }
         const T* ar = A + (int64_t)p * S.T;
         double m, l;
         softmax_stats(ar, S.T, m, l);
@@ -449,7 +542,7 @@ Arrays<T> arrays(const arr<T>& maps, const arr<T>& prev, const arr<int32_t>& tok
 template <typename T>
 void fwd(arr<T> maps, arr<T> prev, arr<int32_t> tok, arr<int32_t> lab, arr<int32_t> kinds, arr<double> w, int B, int H,
          int W, int Tn, int KP, bool has_prev, bool softmax, bool smooth, bool spatial, int loss_mode, double tau,
-         arr<T> loss, arr<T> xbuf, arr<T> gram, arr<T> stats) {
+         arr<T> loss, arr<T> xbuf, arr<T> gram, arr<T> stats, arr<T> ybuf) {
   Shape s = make_shape(B, H, W, Tn, KP, has_prev, softmax, smooth, spatial, loss_mode, (int)w.size(), tau);
   if (maps.size() != (py::ssize_t)B * H * W * Tn || (has_prev && prev.size() != maps.size()) ||
       tok.size() != (py::ssize_t)B * KP || lab.size() != (py::ssize_t)B * KP ||
@@ -457,14 +550,17 @@ void fwd(arr<T> maps, arr<T> prev, arr<int32_t> tok, arr<int32_t> lab, arr<int32
       stats.size() != (py::ssize_t)B * 2 * s.N || loss.size() != B)
     throw std::invalid_argument("attention_nce_fwd: inconsistent buffer sizes");
   auto a = arrays(maps, prev, tok, lab, kinds, w);
+  if (ybuf.size() != 0 && ybuf.size() != maps.size())
+    throw std::invalid_argument("attention_nce_fwd: ybuf must be empty or of the maps' size");
   T *pl = loss.mutable_data(), *px = xbuf.mutable_data(), *pg = gram.mutable_data(), *ps = stats.mutable_data();
+  T* py_ = (softmax && ybuf.size()) ? ybuf.mutable_data() : nullptr;
   py::gil_scoped_release nogil;
-  fwd_impl(a, s, pl, px, pg, ps);
+  fwd_impl(a, s, pl, px, pg, ps, py_);
 }
 
 template <typename T>
 void bwd(arr<T> grad, arr<T> maps, arr<T> prev, arr<int32_t> tok, arr<int32_t> lab, arr<int32_t> kinds,
-         arr<double> w, arr<T> loss, arr<T> xbuf, arr<T> gram, arr<T> stats, int B, int H, int W,
+         arr<double> w, arr<T> loss, arr<T> xbuf, arr<T> gram, arr<T> stats, arr<T> ybuf, int B, int H, int W,
          int Tn, int KP, bool has_prev, bool softmax, bool smooth, bool spatial, int loss_mode, double tau,
          arr<T> dmaps) {
   Shape s = make_shape(B, H, W, Tn, KP, has_prev, softmax, smooth, spatial, loss_mode, (int)w.size(), tau);
@@ -474,8 +570,9 @@ void bwd(arr<T> grad, arr<T> maps, arr<T> prev, arr<int32_t> tok, arr<int32_t> l
   auto a = arrays(maps, prev, tok, lab, kinds, w);
   const T *pg = grad.data(), *pl = loss.data(), *px = xbuf.data(), *pu = gram.data(), *ps = stats.data();
   T* out = dmaps.mutable_data();
+  const T* py_ = (softmax && ybuf.size() == maps.size()) ? ybuf.data() : nullptr;
   py::gil_scoped_release nogil;
-  bwd_impl(a, s, pg, pl, px, pu, ps, out);
+  bwd_impl(a, s, pg, pl, px, pu, ps, py_, out);
 }
 
 template <typename T>
@@ -486,12 +583,13 @@ void bind(py::module_& m, const char* suffix) {
         py::arg("labels").noconvert(), py::arg("kinds").noconvert(), py::arg("weights").noconvert(), "B"_a, "H"_a,
         "W"_a, "T"_a, "KP"_a, "has_prev"_a, "softmax"_a, "smooth"_a, "spatial"_a, "loss_mode"_a, "tau"_a,
         py::arg("loss").noconvert(), py::arg("xbuf").noconvert(), py::arg("gram").noconvert(),
-        py::arg("stats").noconvert());
+        py::arg("stats").noconvert(), py::arg("ybuf").noconvert());
   m.def((std::string("attention_nce_bwd_") + suffix).c_str(), &bwd<T>, "backward: dmaps (B, H, W, T)",
         py::arg("grad").noconvert(), py::arg("maps").noconvert(), py::arg("prev").noconvert(),
         py::arg("tokens").noconvert(), py::arg("labels").noconvert(), py::arg("kinds").noconvert(),
         py::arg("weights").noconvert(), py::arg("loss").noconvert(), py::arg("xbuf").noconvert(),
-        py::arg("gram").noconvert(), py::arg("stats").noconvert(), "B"_a, "H"_a, "W"_a, "T"_a, "KP"_a, "has_prev"_a,
+        py::arg("gram").noconvert(), py::arg("stats").noconvert(), py::arg("ybuf").noconvert(), "B"_a, "H"_a, "W"_a,
+        "T"_a, "KP"_a, "has_prev"_a,
         "softmax"_a, "smooth"_a, "spatial"_a, "loss_mode"_a, "tau"_a, py::arg("dmaps").noconvert());
 }
 
