@@ -282,7 +282,8 @@ def as_pipeline(unet, text_encoder, tokenizer, factor: int = 2):
 
     from .conform import ConformPipeline
 
-    sched = DDIMScheduler.from_config(ddpm_scheduler().config, set_alpha_to_one=False, steps_offset=1)
+    # pixel values: clip the predicted x0 to [-1, 1] (as pixel-space DDPMs do); without it the tiny model diverges
+    sched = DDIMScheduler.from_config(ddpm_scheduler().config, set_alpha_to_one=False, steps_offset=1, clip_sample=True)
     pipe = ConformPipeline(vae=pixel_shuffle_vae(factor), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                            scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
