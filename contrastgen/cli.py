@@ -1,4 +1,4 @@
-"""The ``contrastgen`` command (also ``python -m contrastgen``): bench, demo, env, --version."""
+"""The ``contrastgen`` command (also ``python -m contrastgen``): bench, demo, env, conform, --version."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 def _dispersive_demo():
     from .methods import dispersive_demo
     return dispersive_demo
+
+
+def _conform_demo():
+    from .methods import conform_demo
+    return conform_demo
 
 
 def _unclip_demo():
@@ -48,6 +53,8 @@ def _simclr_demo():
 DEMOS: Dict[str, Tuple[str, Callable]] = {
     "dispersive": ("train a small SiT on 8x8 digits without and with Dispersive Loss (CPU; --quick: ~1 min)",
                    _dispersive_demo),
+    "conform": ("CONFORM: train a tiny text-conditional UNet on drawn two-shape scenes, generate with and without "
+                "CONFORM guidance, score object presence and colour binding", _conform_demo),
     "unclip": ("DALL-E 2: a tiny two-tower CLIP, then a diffusion prior on its embeddings; retrieval accuracy",
                _unclip_demo),
     "tulip": ("TULIP: SigLIP image-text plus image-image / text-text view terms on a tiny CLIP", _tulip_demo),
@@ -63,6 +70,7 @@ EPILOG = """commands:
   bench report [...]    markdown table of saved benchmark runs
   bench plot RUN.json   redraw the plot of a saved run
   demo NAME [OPTIONS]   run a demo (contrastgen demo --help lists them)
+  conform [OPTIONS]     CONFORM-guided Stable Diffusion from local weights (contrastgen conform --help)
   env                   versions, CPU features, CUDA devices and which backends are available (and why not)
 
 examples:
@@ -73,11 +81,11 @@ examples:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="contrastgen", usage="contrastgen [-h] [--version] {bench,demo,env} ...",
+    p = argparse.ArgumentParser(prog="contrastgen", usage="contrastgen [-h] [--version] {bench,demo,conform,env} ...",
                                 description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="store_true", help="print the version and exit")
-    p.add_argument("command", nargs="?", choices=["bench", "demo", "env"], help=argparse.SUPPRESS)
+    p.add_argument("command", nargs="?", choices=["bench", "demo", "conform", "env"], help=argparse.SUPPRESS)
     return p
 
 
@@ -218,7 +226,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     if not argv:
         parser.print_usage(sys.stderr)
-        print("contrastgen: a command is needed (bench, demo, env); contrastgen --help for more", file=sys.stderr)
+        print("contrastgen: a command is needed (bench, demo, conform, env); contrastgen --help for more", file=sys.stderr)
         return 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "bench":
@@ -227,6 +235,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _demo(rest)
     if cmd == "env":
         return _env(rest)
+    if cmd == "conform":
+        from .methods.conform import cli_main
+        return cli_main(rest)
     args = parser.parse_args(argv)          # --help, --version, or an error (exit 2 with usage)
     if args.version:
         print(f"contrastgen {_version()}")

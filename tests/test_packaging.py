@@ -194,16 +194,15 @@ def test_skip_cpp_is_recorded(tmp_path):
 
 
 def test_metadata_extras_match_imports():
-    """The extras list what the code imports: contrastgen.methods (timm) and its demos (scikit-learn,
-    matplotlib); the bench's peers; nothing that no module imports."""
+    """The extras list what the code imports: contrastgen.methods (timm, diffusers, transformers) and its demos
+    (scikit-learn, matplotlib); the bench's peers; nothing that no module imports."""
     tomllib = pytest.importorskip("tomllib")
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = meta["optional-dependencies"]
     names = {k: {r.split(">")[0].split("=")[0].split(";")[0].strip() for r in v} for k, v in extras.items()}
-    assert {"timm", "scikit-learn", "matplotlib"} <= names["methods"]
-    assert "diffusers" not in names["methods"] and "transformers" not in names["methods"]
+    assert {"timm", "diffusers", "transformers", "scikit-learn", "matplotlib"} <= names["methods"]
     src = "\n".join(p.read_text() for p in (ROOT / "contrastgen").rglob("*.py"))
-    imports = {"timm": "timm", "scikit-learn": "sklearn", "matplotlib": "matplotlib", "tqdm": "tqdm",
+    imports = {"timm": "timm", "diffusers": "diffusers", "transformers": "transformers", "scikit-learn": "sklearn", "matplotlib": "matplotlib", "tqdm": "tqdm",
                "open-clip-torch": "open_clip", "pytorch-metric-learning": "pytorch_metric_learning",
                "pykeops": "pykeops", "inf-cl": "inf_cl"}
     for extra in ("methods", "bench"):

@@ -7,7 +7,7 @@
     uniformity      contrastgen.kernels.dispersive      contrastgen.ops._cpp_dispersive   (contrastgen._cpp_dispersive)
     infonce_paired  contrastgen.kernels.infonce_paired  contrastgen.ops._cpp_infonce_paired (contrastgen._cpp_infonce_paired)
     patch_nce       -                                   -
-    attention_nce   -                                   -
+    attention_nce   contrastgen.kernels.attention_nce   contrastgen.ops._cpp_attention_nce (contrastgen._cpp_attention_nce)
 
 The "torch" backend of every op is its reference in ``contrastgen.reference``.  The launchers of one op have
 the same functions and signatures on every backend (for infonce / siglip: the contract written out in
@@ -62,6 +62,16 @@ def _cpp_infonce_paired() -> ModuleType:
     return _cpp_infonce_paired
 
 
+def _triton_attention_nce() -> ModuleType:
+    from ..kernels import attention_nce
+    return attention_nce
+
+
+def _cpp_attention_nce() -> ModuleType:
+    from . import _cpp_attention_nce
+    return _cpp_attention_nce
+
+
 # op -> backend -> zero-argument function returning the launcher module
 BACKEND_TABLE: Dict[str, Dict[str, Callable[[], ModuleType]]] = {
     "infonce": {"triton": _triton_infonce, "cpp": _cpp_infonce},
@@ -71,12 +81,13 @@ BACKEND_TABLE: Dict[str, Dict[str, Callable[[], ModuleType]]] = {
     # per-query negatives (info_nce with 3-D negatives); its in-batch part also runs the "infonce" launchers
     "infonce_paired": {"triton": _triton_infonce_paired, "cpp": _cpp_infonce_paired},
     "patch_nce": {},
-    "attention_nce": {},
+    "attention_nce": {"triton": _triton_attention_nce, "cpp": _cpp_attention_nce},
 }
 
 # op -> the compiled extension its "cpp" launcher needs (``contrastgen._cpp_<name>``, built from csrc/<name>.cpp)
 CPP_EXTENSION: Dict[str, str] = {"infonce": "infonce", "siglip": "infonce", "dispersive": "dispersive",
-                                 "uniformity": "dispersive", "infonce_paired": "infonce_paired"}
+                                 "uniformity": "dispersive", "infonce_paired": "infonce_paired",
+                                 "attention_nce": "attention_nce"}
 
 # public function -> the op of the table that runs it (None: reference only, documented as such)
 PUBLIC_OPS: Dict[str, str | None] = {
