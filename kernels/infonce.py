@@ -89,6 +89,9 @@ NEG = tl.constexpr(-1.0e30)  # the finite "-inf" of the contract (any value <= -
 # a tl.constexpr global: plain module globals cannot be read inside @triton.jit (caught by the AOT test)
 NF = 5                       # fields of a record: max, l_neg, l_pos, sum of positive logits, #positives
 STATS_COLUMNS = 4            # row/col stats: [lse_hi, npos, lse_lo, pml coefficient c_i]
+# Under the interpreter a tuple tl.reduce runs its combine function in Python per element (slow): the kernels sum
+# separately there.  A tl.constexpr global, so the compiled kernels read it too (False: compiled).
+_INTERPRETER = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _interpreting() -> bool:
@@ -111,13 +114,19 @@ class TileConfig:
     num_stages: int
 
 
-# (architecture, precision) -> tile.  Every entry compiles with zero spills for its architecture under the CI's
-# Triton and Triton 3.6 (tests/test_aot_compile.py); the sm_90 16-bit ones put every product on wgmma.
-TILE_CONFIGS: Dict[Tuple[int, str], TileConfig] = {
-    (90, "16bit"): TileConfig(128, 128, 64, 8, 3),
-    (90, "fp32"): TileConfig(128, 64, 32, 8, 3),
-    (80, "16bit"): TileConfig(128, 128, 64, 8, 3),
-    (80, "fp32"): TileConfig(64, 64, 32, 4, 3),
+# (architecture, precision, TMA) -> tile.  TMA: rows of D * itemsize bytes a multiple of 16 (tensor descriptors);
+# otherwise masked pointer loads, which need more registers (smaller tiles; odd D only).  Every entry compiles with
+# zero spills for its architecture under the CI's Triton and Triton 3.6 (tests/test_aot_compile.py); on sm_90 every
+# product of the 16-bit tiles is a wgmma (m64 per warpgroup).
+TILE_CONFIGS: Dict[Tuple[int, str, bool], TileConfig] = {
+    (90, "16bit", True): TileConfig(128, 128, 64, 8, 3),
+    (90, "fp32", True): TileConfig(128, 64, 32, 8, 3),
+    (80, "16bit", True): TileConfig(128, 128, 64, 8, 3),
+    (80, "fp32", True): TileConfig(64, 64, 32, 4, 3),
+    (90, "16bit", False): TileConfig(64, 64, 64, 4, 3),
+    (90, "fp32", False): TileConfig(64, 64, 32, 4, 3),
+    (80, "16bit", False): TileConfig(64, 64, 64, 4, 3),
+    (80, "fp32", False): TileConfig(64, 64, 32, 4, 3),
 }
 INTERPRET_TILE = TileConfig(64, 64, 64, 4, 1)   # few, large tiles keep the interpreter fast
 MERGE_BLOCK = 256
@@ -144,13 +153,19 @@ def _arch(device) -> int:
     return 90 if major >= 9 else 80
 
 
-def tile_config(dtype, device) -> TileConfig:
+def tile_config(dtype, device, d: int) -> TileConfig:
     """The tile every pass of a call uses (the interpreter's, unless INTERPRET_WITH_GPU_CONFIGS)."""
+    tma = _tma_ok(d, torch.empty(0, dtype=dtype).element_size())
     if _interpreting():
         if INTERPRET_WITH_GPU_CONFIGS is None:
             return INTERPRET_TILE
-        return TILE_CONFIGS[(INTERPRET_WITH_GPU_CONFIGS, _precision(dtype))]
-    return TILE_CONFIGS[(_arch(device), _precision(dtype))]
+        return TILE_CONFIGS[(INTERPRET_WITH_GPU_CONFIGS, _precision(dtype), tma)]
+    return TILE_CONFIGS[(_arch(device), _precision(dtype), tma)]
+
+
+def _tma_ok(d: int, itemsize: int) -> bool:
+    """Tensor descriptors need 16-byte aligned rows (D * itemsize a multiple of 16)."""
+    return (d * itemsize) % 16 == 0
 
 
 def _block_d(D: int, cfg: TileConfig) -> int:
@@ -208,29 +223,64 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _qk_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, D,
-             BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+def _operands(q_ptr, k_ptr, n_rows, n_cols, D, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+              SUB: tl.constexpr, TMA: tl.constexpr):
+    """(Q, K, K by sub-tiles of SUB keys) as tensor descriptors (TMA: loads without address registers or masks; out-of-range
+    reads are zeros), else the pointers (masked loads, for D * itemsize not a multiple of 16)."""
+    if TMA:
+        qs = tl.make_tensor_descriptor(q_ptr, shape=[n_rows, D], strides=[D, 1], block_shape=[BLOCK_N, BLOCK_D])
+        ks = tl.make_tensor_descriptor(k_ptr, shape=[n_cols, D], strides=[D, 1], block_shape=[BLOCK_M, BLOCK_D])
+        kh = tl.make_tensor_descriptor(k_ptr, shape=[n_cols, D], strides=[D, 1], block_shape=[SUB, BLOCK_D])
+    else:
+        qs = q_ptr
+        ks = k_ptr
+        kh = k_ptr
+    return qs, ks, kh
+
+
+@triton.jit
+def _qk_tile(qs, ks, row_lo, col_lo, n_rows, n_cols, D,
+             BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
              FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
-    """Q[rows] K[cols]^T (BLOCK_N, BLOCK_M) in fp32: a D loop over BLOCK_D chunks (rows/cols out of range read
-    zeros).  2 BLOCK_N BLOCK_M D FLOP, (BLOCK_N + BLOCK_M) D itemsize bytes of loads (L2-resident operands)."""
+    """Q[row_lo:+BLOCK_N] K[col_lo:+BLOCK_M]^T (BLOCK_N, BLOCK_M) in fp32: a D loop over BLOCK_D chunks, software
+    pipelined by Triton (rows / columns out of range read zeros).  2 BLOCK_N BLOCK_M D FLOP, (BLOCK_N + BLOCK_M) D
+    itemsize bytes of loads (from L2: Q and K stay resident there across the programs of a wave)."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    offs_d = tl.arange(0, BLOCK_D)
-    rmask = rows < n_rows
-    cmask = cols < n_cols
-    q_ptrs = q_ptr + rows[:, None] * D + offs_d[None, :]
-    k_ptrs = k_ptr + cols[:, None] * D + offs_d[None, :]
-    for d0 in range(0, D, BLOCK_D):
-        if EVEN_D:
-            qa = tl.load(q_ptrs, mask=rmask[:, None], other=0.0)                      # (BLOCK_N, BLOCK_D)
-            ka = tl.load(k_ptrs, mask=cmask[:, None], other=0.0)                      # (BLOCK_M, BLOCK_D)
-        else:
+    if TMA:
+        for d0 in range(0, D, BLOCK_D):
+            qa = qs.load([row_lo, d0])                                                 # (BLOCK_N, BLOCK_D)
+            ka = ks.load([col_lo, d0])                                                 # (BLOCK_M, BLOCK_D)
+            acc = _dot(qa, tl.trans(ka), acc, FP32_DOT, UPCAST)  # (BLOCK_N, BLOCK_D) x (BLOCK_D, BLOCK_M)
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        rows = row_lo + tl.arange(0, BLOCK_N)
+        cols = col_lo + tl.arange(0, BLOCK_M)
+        rmask = rows < n_rows
+        cmask = cols < n_cols
+        q_ptrs = qs + rows[:, None] * D + offs_d[None, :]
+        k_ptrs = ks + cols[:, None] * D + offs_d[None, :]
+        for d0 in range(0, D, BLOCK_D):
             dmask = (d0 + offs_d) < D
-            qa = tl.load(q_ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0)
-            ka = tl.load(k_ptrs, mask=cmask[:, None] & dmask[None, :], other=0.0)
-        acc = _dot(qa, tl.trans(ka), acc, FP32_DOT, UPCAST)  # (BLOCK_N, BLOCK_D) x (BLOCK_D, BLOCK_M)
-        q_ptrs += BLOCK_D
-        k_ptrs += BLOCK_D
+            qa = tl.load(q_ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0)     # (BLOCK_N, BLOCK_D)
+            ka = tl.load(k_ptrs, mask=cmask[:, None] & dmask[None, :], other=0.0)     # (BLOCK_M, BLOCK_D)
+            acc = _dot(qa, tl.trans(ka), acc, FP32_DOT, UPCAST)  # (BLOCK_N, BLOCK_D) x (BLOCK_D, BLOCK_M)
+            q_ptrs += BLOCK_D
+            k_ptrs += BLOCK_D
     return acc
+
+
+@triton.jit
+def _store_ds(dst, tile, row_lo, col_lo, n_rows, n_cols, stride, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+              TMA: tl.constexpr):
+    """slab[row_lo:+BLOCK_N, col_lo:+BLOCK_M] = tile in the slab's dtype (out-of-range entries dropped); TMA: dst is
+    a tensor descriptor (a bulk store, no address registers), else the slab pointer."""
+    if TMA:
+        dst.store([row_lo, col_lo], tile.to(dst.dtype))
+    else:
+        rows = row_lo + tl.arange(0, BLOCK_N)
+        cols = col_lo + tl.arange(0, BLOCK_M)
+        ptrs = dst + rows.to(tl.int64)[:, None] * stride + cols[None, :]
+        tl.store(ptrs, tile.to(dst.dtype.element_ty), mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
 
 
 @triton.jit
@@ -256,10 +306,10 @@ def _tile_masks(rows_g, cols, row_ok, col_ok, ql, kl_ptr,
 
 @triton.jit
 def _tile_kind(row_lo, n_rows_valid, col_lo, n_cols, row_g_lo, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-               HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, IN_BATCH_NEG: tl.constexpr,
-               IS_BANK: tl.constexpr):
-    """0: interior tile with every entry valid and none positive (no masks); 1: general (masks);
-    2: nothing valid (MoCo without in-batch negatives, off the diagonal): skipped."""
+               HAS_LABELS: tl.constexpr, IN_BATCH_NEG: tl.constexpr, IS_BANK: tl.constexpr):
+    """0: interior tile, every entry valid, none positive: full tile, no masks;  1: general (a positive, an
+    exclusion or an edge): two half tiles with masks (half the registers);  2: nothing valid (MoCo without in-batch
+    negatives, off the diagonal): skipped."""
     edge = (row_lo + BLOCK_N > n_rows_valid) | (col_lo + BLOCK_M > n_cols)
     if IS_BANK:
         kind = tl.where(edge, 1, 0)
@@ -284,37 +334,76 @@ def _log1p(x):
 
 @triton.jit
 def _softplus(x):
-    """log(1 + e^x) = max(x, 0) + log1p(e^{-|x|}); NaN propagates."""
+    """log(1 + e^x) = max(x, 0) + log1p(e^{-|x|}); NaN propagates (tl.maximum may drop it)."""
     return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x))) + tl.where(x == x, 0.0, x)
 
 
 @triton.jit
-def _row_update(s, pos, valid, m, ln, lp, ps, npos,
-                MASKED: tl.constexpr, HAS_POS: tl.constexpr, PML: tl.constexpr):
-    """Online row statistics over one more tile.  supcon: the max and sums run over the valid entries, split in
-    negatives (ln) and positives (lp); pml: over the valid negatives only (the lse of the pml loss)."""
-    if MASKED:
-        if PML and HAS_POS:
-            lmask = valid & (~pos)
-        else:
-            lmask = valid
-        m_new = tl.maximum(m, tl.max(tl.where(lmask, s, NEG), 1))
-        p = tl.exp(tl.where(lmask, s - m_new[:, None], NEG))
+def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+
+
+@triton.jit
+def _sum4(a, b, c, d, axis: tl.constexpr):
+    """Four sums along ``axis`` as one tuple reduction (four tl.sum calls cost ~100 more registers per thread)."""
+    if _INTERPRETER:
+        return tl.sum(a, axis), tl.sum(b, axis), tl.sum(c, axis), tl.sum(d, axis)
     else:
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
+        return tl.reduce((a, b, c, d), axis, _add4)
+
+
+@triton.jit
+def _store_record(ptr, field, idx, mask, r0, r1, r2, r3, r4):
+    tl.store(ptr + idx, r0, mask=mask)
+    tl.store(ptr + field + idx, r1, mask=mask)
+    tl.store(ptr + 2 * field + idx, r2, mask=mask)
+    tl.store(ptr + 3 * field + idx, r3, mask=mask)
+    tl.store(ptr + 4 * field + idx, r4, mask=mask)
+
+
+@triton.jit
+def _fast_update(s, m, ln, lp, col_base, col_field, cols, SYMMETRIC: tl.constexpr):
+    """A tile whose entries are all valid and none positive: online row statistics and the column record, without
+    masks.  Per logit: 1 (2 if SYMMETRIC) exponentials, ~8 other instructions."""
+    if SYMMETRIC:
+        cm = tl.max(s, 0)
+        cln = tl.sum(tl.exp(s - cm[None, :]), 0)
+        zero = tl.zeros_like(cln)
+        _store_record(col_base, col_field, cols, cols >= 0, cm, cln, zero, zero, zero)
+    m_new = tl.maximum(m, tl.max(s, 1))
     alpha = tl.exp(m - m_new)
-    if HAS_POS and not PML:
-        pp = tl.where(pos, p, 0.0)
-        lp = lp * alpha + tl.sum(pp, 1)
-        ln = ln * alpha + tl.sum(p - pp, 1)
+    ln = ln * alpha + tl.sum(tl.exp(s - m_new[:, None]), 1)
+    return m_new, ln, lp * alpha
+
+
+@triton.jit
+def _general_update(s, pos, valid, m, ln, lp, ps, npos, col_base, col_field, cols, col_ok,
+                    HAS_POS: tl.constexpr, PML: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Online row statistics and (SYMMETRIC) the column record of a (half) tile with masks.  supcon: the max and the
+    sums run over the valid entries, split in negatives (ln) and positives (lp); pml: over the valid negatives only
+    (the lse of the pml loss)."""
+    if HAS_POS and PML:
+        sv = tl.where(valid & (~pos), s, NEG)
     else:
-        lp = lp * alpha
-        ln = ln * alpha + tl.sum(p, 1)
+        sv = tl.where(valid, s, NEG)
+    if SYMMETRIC:  # supcon only
+        cm = tl.max(sv, 0)
+        pc = tl.exp(sv - cm[None, :])
+        ppc = tl.where(pos, pc, 0.0)
+        c1, c2, c3, c4 = _sum4(pc - ppc, ppc, tl.where(pos, s, 0.0), pos.to(tl.float32), 0)
+        _store_record(col_base, col_field, cols, col_ok, cm, c1, c2, c3, c4)
+    m_new = tl.maximum(m, tl.max(sv, 1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(sv - m_new[:, None])
     if HAS_POS:
-        ps += tl.sum(tl.where(pos, s, 0.0), 1)
-        npos += tl.sum(pos.to(tl.float32), 1)
-    return m_new, ln, lp, ps, npos
+        if PML:
+            a, b, c, d = _sum4(tl.zeros_like(p), p, tl.where(pos, s, 0.0), pos.to(tl.float32), 1)
+        else:
+            pp = tl.where(pos, p, 0.0)
+            a, b, c, d = _sum4(pp, p - pp, tl.where(pos, s, 0.0), pos.to(tl.float32), 1)
+        return m_new, ln * alpha + b, lp * alpha + a, ps + c, npos + d
+    else:
+        return m_new, ln * alpha + tl.sum(p, 1), lp * alpha, ps, npos
 
 
 # ----------------------------------------------------------------------------------------------- InfoNCE
@@ -323,14 +412,15 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, ql_ptr, kl_ptr, row_rec_ptr, co
                         R, row0, n_cols, D, tiles_per_split, row_part0, row_n_parts, col_n_parts,
                         HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, IN_BATCH_NEG: tl.constexpr,
                         PML: tl.constexpr, SYMMETRIC: tl.constexpr, IS_BANK: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
                         FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
     """Row (and, SYMMETRIC, column) records of one block of BLOCK_N query rows over one split of the key tiles.
 
     q_ptr points at the chunk's first row (global row = row0 + local row); k_ptr at the in-batch keys (or the bank,
     IS_BANK).  Row record -> row_rec[f, row_part0 + split, local row] (f = max, l_neg, l_pos, possum, npos);
     column record of each tile -> col_rec[f, 1 + row block, key] (part 0 is the running record of earlier chunks).
-    Per tile: 2 BLOCK_N BLOCK_M D FLOP; epilogue 1 (2 if SYMMETRIC) exponentials per logit."""
+    Per tile: 2 BLOCK_N BLOCK_M D FLOP; 1 (2 if SYMMETRIC) exponentials per logit."""
+    HALF: tl.constexpr = BLOCK_M // (4 if SYMMETRIC else 2)   # general tiles: sub-tiles of HALF keys
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     row_lo = pid_r * BLOCK_N
@@ -338,6 +428,7 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, ql_ptr, kl_ptr, row_rec_ptr, co
     rows_g = row0 + rows
     row_ok = rows < R
     scale = tl.load(scale_ptr)
+    qs, ks, kh = _operands(q_ptr, k_ptr, R, n_cols, D, BLOCK_N, BLOCK_M, BLOCK_D, HALF, TMA)
     if HAS_LABELS and not IS_BANK:
         ql = tl.load(ql_ptr + rows_g, mask=row_ok, other=0)
     else:
@@ -355,57 +446,35 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, ql_ptr, kl_ptr, row_rec_ptr, co
     col_field = col_n_parts.to(tl.int64) * col_stride
     for t in range(t_lo, t_hi):
         col_lo = t * BLOCK_M
-        cols = col_lo + tl.arange(0, BLOCK_M)
-        col_ok = cols < n_cols
-        kind = _tile_kind(row_lo, R, col_lo, n_cols, row0 + row_lo, BLOCK_N, BLOCK_M, HAS_LABELS, EXCLUDE_SELF,
-                          IN_BATCH_NEG, IS_BANK)
+        kind = _tile_kind(row_lo, R, col_lo, n_cols, row0 + row_lo, BLOCK_N, BLOCK_M, HAS_LABELS, IN_BATCH_NEG,
+                          IS_BANK)
         if kind == 0:
-            s = scale * _qk_tile(q_ptr, k_ptr, rows, cols, R, n_cols, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D,
-                                 FP32_DOT, UPCAST)
-            m, ln, lp, ps, npos = _row_update(s, s, s, m, ln, lp, ps, npos, False, False, PML)
-            if SYMMETRIC:
-                cm = tl.max(s, 0)
-                cln = tl.sum(tl.exp(s - cm[None, :]), 0)
-                tl.store(col_base + cols, cm)
-                tl.store(col_base + col_field + cols, cln)
-                tl.store(col_base + 2 * col_field + cols, tl.zeros_like(cln))
-                tl.store(col_base + 3 * col_field + cols, tl.zeros_like(cln))
-                tl.store(col_base + 4 * col_field + cols, tl.zeros_like(cln))
+            s = scale * _qk_tile(qs, ks, row_lo, col_lo, R, n_cols, D, BLOCK_N, BLOCK_M, BLOCK_D, TMA, FP32_DOT,
+                                 UPCAST)
+            m, ln, lp = _fast_update(s, m, ln, lp, col_base, col_field, col_lo + tl.arange(0, BLOCK_M),
+                                     SYMMETRIC and not IS_BANK)
         elif kind == 1:
-            s = scale * _qk_tile(q_ptr, k_ptr, rows, cols, R, n_cols, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D,
-                                 FP32_DOT, UPCAST)
-            if IS_BANK:
-                valid = row_ok[:, None] & col_ok[None, :]
-                m, ln, lp, ps, npos = _row_update(s, valid, valid, m, ln, lp, ps, npos, True, False, PML)
-            else:
-                pos, valid = _tile_masks(rows_g, cols, row_ok, col_ok, ql, kl_ptr, HAS_LABELS, EXCLUDE_SELF,
-                                         IN_BATCH_NEG)
-                m, ln, lp, ps, npos = _row_update(s, pos, valid, m, ln, lp, ps, npos, True, True, PML)
-                if SYMMETRIC:
-                    cm = tl.max(tl.where(valid, s, NEG), 0)
-                    pc = tl.exp(tl.where(valid, s - cm[None, :], NEG))
-                    ppc = tl.where(pos, pc, 0.0)
-                    tl.store(col_base + cols, cm, mask=col_ok)
-                    tl.store(col_base + col_field + cols, tl.sum(pc - ppc, 0), mask=col_ok)
-                    tl.store(col_base + 2 * col_field + cols, tl.sum(ppc, 0), mask=col_ok)
-                    tl.store(col_base + 3 * col_field + cols, tl.sum(tl.where(pos, s, 0.0), 0), mask=col_ok)
-                    tl.store(col_base + 4 * col_field + cols, tl.sum(pos.to(tl.float32), 0), mask=col_ok)
-        else:
-            if SYMMETRIC:  # nothing valid in this tile: empty column records
-                zero = tl.zeros((BLOCK_M,), tl.float32)
-                tl.store(col_base + cols, zero + NEG, mask=col_ok)
-                tl.store(col_base + col_field + cols, zero, mask=col_ok)
-                tl.store(col_base + 2 * col_field + cols, zero, mask=col_ok)
-                tl.store(col_base + 3 * col_field + cols, zero, mask=col_ok)
-                tl.store(col_base + 4 * col_field + cols, zero, mask=col_ok)
-    row_stride = R.to(tl.int64)
-    base = row_rec_ptr + (row_part0 + pid_s).to(tl.int64) * row_stride + rows
-    row_field = row_n_parts.to(tl.int64) * row_stride
-    tl.store(base, m, mask=row_ok)
-    tl.store(base + row_field, ln, mask=row_ok)
-    tl.store(base + 2 * row_field, lp, mask=row_ok)
-    tl.store(base + 3 * row_field, ps, mask=row_ok)
-    tl.store(base + 4 * row_field, npos, mask=row_ok)
+            for h in tl.static_range(BLOCK_M // HALF):   # (names of half-tile values differ from the full tile's: Triton types)
+                c_lo = col_lo + h * HALF
+                hcols = c_lo + tl.arange(0, HALF)
+                hok = hcols < n_cols
+                hs = scale * _qk_tile(qs, kh, row_lo, c_lo, R, n_cols, D, BLOCK_N, HALF, BLOCK_D, TMA, FP32_DOT,
+                                      UPCAST)
+                if IS_BANK:
+                    valid = row_ok[:, None] & hok[None, :]
+                    m, ln, lp, ps, npos = _general_update(hs, valid, valid, m, ln, lp, ps, npos, col_base, col_field,
+                                                          hcols, hok, False, False, False)
+                else:
+                    pos, valid = _tile_masks(rows_g, hcols, row_ok, hok, ql, kl_ptr, HAS_LABELS, EXCLUDE_SELF,
+                                             IN_BATCH_NEG)
+                    m, ln, lp, ps, npos = _general_update(hs, pos, valid, m, ln, lp, ps, npos, col_base, col_field,
+                                                          hcols, hok, True, PML, SYMMETRIC)
+        elif SYMMETRIC:  # nothing valid in this tile: empty column records
+            ecols = col_lo + tl.arange(0, BLOCK_M)
+            zero = tl.zeros((BLOCK_M,), tl.float32)
+            _store_record(col_base, col_field, ecols, ecols < n_cols, zero + NEG, zero, zero, zero, zero)
+    base = row_rec_ptr + (row_part0 + pid_s).to(tl.int64) * R + rows
+    _store_record(base, row_n_parts.to(tl.int64) * R, 0, row_ok, m, ln, lp, ps, npos)
 
 
 @triton.jit
@@ -415,7 +484,7 @@ def _infonce_merge_kernel(rec_ptr, n_parts, parts_stride, count, loss_ptr, stats
     order (deterministic).
 
     FINAL: loss (supcon) and stats [lse_hi, npos, lse_lo, 0] with lse = max + log(l_neg + l_pos) kept as an fp32 pair
-    and loss_i = ((max - mean_pos) + log l_pos) + log1p(l_neg / l_pos) where the positives dominate, else
+    and loss = ((max - mean_pos) + log l_pos) + log1p(l_neg / l_pos) where the positives dominate, else
     (max - mean_pos) + log(l_neg + l_pos); 0 without a positive.  Not FINAL: the merged record -> part 0."""
     idx = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = idx < count
@@ -439,7 +508,7 @@ def _infonce_merge_kernel(rec_ptr, n_parts, parts_stride, count, loss_ptr, stats
         m = m_new
     if FINAL:
         total = ln + lp
-        empty = total == 0.0
+        empty = total == 0.0   # an empty set; a NaN total is not empty and propagates
         log_total = tl.log(tl.where(empty, 1.0, total))
         lse_hi = tl.where(empty, NEG, m + log_total)
         lse_lo = tl.where(empty, 0.0, (m - lse_hi) + log_total)
@@ -457,22 +526,20 @@ def _infonce_merge_kernel(rec_ptr, n_parts, parts_stride, count, loss_ptr, stats
         tl.store(out + 2, lse_lo, mask=ok)
         tl.store(out + 3, tl.zeros_like(lse_lo), mask=ok)
     else:
-        tl.store(rec_ptr + idx, m, mask=ok)
-        tl.store(rec_ptr + field + idx, ln, mask=ok)
-        tl.store(rec_ptr + 2 * field + idx, lp, mask=ok)
-        tl.store(rec_ptr + 3 * field + idx, ps, mask=ok)
-        tl.store(rec_ptr + 4 * field + idx, npos, mask=ok)
+        _store_record(rec_ptr, field, idx, ok, m, ln, lp, ps, npos)
 
 
 @triton.jit
 def _infonce_pml_kernel(q_ptr, k_ptr, scale_ptr, ql_ptr, kl_ptr, row_stats_ptr, out_ptr,
                         R, row0, n_cols, D, tiles_per_split, n_splits,
                         HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, IN_BATCH_NEG: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
                         FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
-    """pml, second pass over the in-batch tiles that hold a positive (the others are skipped before their product):
-    x_ip = lse_i - s_ip (lse over the negatives, from the fp32 pair of the stats);
-    out[0, split, row] = sum_p softplus(x_ip) (the loss), out[1, split, row] = sum_p sigmoid(x_ip) (c_i)."""
+    """pml, second pass over the in-batch half tiles that hold a positive (the others are skipped before their
+    product; the half tiles are the forward's general tiles, so S is the forward's):  x_ip = lse_i - s_ip (lse over
+    the negatives, from the fp32 pair of the stats);  out[0, split, row] = sum_p softplus(x_ip) (the loss),
+    out[1, split, row] = sum_p sigmoid(x_ip) (c_i)."""
+    HALF: tl.constexpr = BLOCK_M // 2
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     row_lo = pid_r * BLOCK_N
@@ -480,6 +547,7 @@ def _infonce_pml_kernel(q_ptr, k_ptr, scale_ptr, ql_ptr, kl_ptr, row_stats_ptr, 
     rows_g = row0 + rows
     row_ok = rows < R
     scale = tl.load(scale_ptr)
+    qs, ks, kh = _operands(q_ptr, k_ptr, R, n_cols, D, BLOCK_N, BLOCK_M, BLOCK_D, HALF, TMA)
     lse_hi = tl.load(row_stats_ptr + rows_g * 4, mask=row_ok, other=0.0)
     lse_lo = tl.load(row_stats_ptr + rows_g * 4 + 2, mask=row_ok, other=0.0)
     if HAS_LABELS:
@@ -488,17 +556,16 @@ def _infonce_pml_kernel(q_ptr, k_ptr, scale_ptr, ql_ptr, kl_ptr, row_stats_ptr, 
         ql = rows_g
     loss = tl.zeros((BLOCK_N,), tl.float32)
     coef = tl.zeros((BLOCK_N,), tl.float32)
-    n_tiles = tl.cdiv(n_cols, BLOCK_M)
-    t_lo = pid_s * tiles_per_split
-    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+    n_tiles = tl.cdiv(n_cols, HALF)
+    t_lo = pid_s * tiles_per_split * 2
+    t_hi = tl.minimum(t_lo + tiles_per_split * 2, n_tiles)
     for t in range(t_lo, t_hi):
-        col_lo = t * BLOCK_M
-        cols = col_lo + tl.arange(0, BLOCK_M)
+        c_lo = t * HALF
+        cols = c_lo + tl.arange(0, HALF)
         col_ok = cols < n_cols
         pos, valid = _tile_masks(rows_g, cols, row_ok, col_ok, ql, kl_ptr, HAS_LABELS, EXCLUDE_SELF, IN_BATCH_NEG)
         if tl.max(pos.to(tl.int32)) > 0:
-            s = scale * _qk_tile(q_ptr, k_ptr, rows, cols, R, n_cols, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D,
-                                 FP32_DOT, UPCAST)
+            s = scale * _qk_tile(qs, kh, row_lo, c_lo, R, n_cols, D, BLOCK_N, HALF, BLOCK_D, TMA, FP32_DOT, UPCAST)
             x = tl.where(pos, (lse_hi[:, None] - s) + lse_lo[:, None], 0.0)
             loss += tl.sum(tl.where(pos, _softplus(x), 0.0), 1)
             coef += tl.sum(tl.where(pos, tl.sigmoid(x), 0.0), 1)
@@ -508,11 +575,40 @@ def _infonce_pml_kernel(q_ptr, k_ptr, scale_ptr, ql_ptr, kl_ptr, row_stats_ptr, 
 
 
 @triton.jit
+def _bwd_general(s, rows_g, cols, row_ok, col_ok, ql, kl_ptr, lse_hi, lse_lo, has_pos, gc, gp, col_stats_ptr,
+                 g_col_ptr, HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, IN_BATCH_NEG: tl.constexpr,
+                 PML: tl.constexpr, SYMMETRIC: tl.constexpr, IS_BANK: tl.constexpr):
+    """dS of a (half) tile with masks (see _infonce_bwd_kernel)."""
+    if IS_BANK:
+        valid = row_ok[:, None] & col_ok[None, :]
+        p = tl.exp(tl.where(valid, (s - lse_hi[:, None]) - lse_lo[:, None], NEG))
+        ds = tl.where(has_pos[:, None], gc[:, None] * p, 0.0)
+    else:
+        pos, valid = _tile_masks(rows_g, cols, row_ok, col_ok, ql, kl_ptr, HAS_LABELS, EXCLUDE_SELF, IN_BATCH_NEG)
+        if PML:
+            p = tl.exp(tl.where(valid & (~pos), (s - lse_hi[:, None]) - lse_lo[:, None], NEG))
+            r = tl.sigmoid(tl.where(pos, (lse_hi[:, None] - s) + lse_lo[:, None], 0.0))
+            ds = gc[:, None] * p - tl.where(pos, gp[:, None] * r, 0.0)
+        else:
+            p = tl.exp(tl.where(valid, (s - lse_hi[:, None]) - lse_lo[:, None], NEG))
+            ds = tl.where(has_pos[:, None], gc[:, None] * p - tl.where(pos, gp[:, None], 0.0), 0.0)
+        if SYMMETRIC:
+            clse_hi = tl.load(col_stats_ptr + cols * 4, mask=col_ok, other=0.0)
+            cnpos = tl.load(col_stats_ptr + cols * 4 + 1, mask=col_ok, other=0.0)
+            clse_lo = tl.load(col_stats_ptr + cols * 4 + 2, mask=col_ok, other=0.0)
+            cg = tl.load(g_col_ptr + cols, mask=col_ok, other=0.0)
+            cgp = cg / tl.maximum(cnpos, 1.0)
+            pc = tl.exp(tl.where(valid, (s - clse_hi[None, :]) - clse_lo[None, :], NEG))
+            ds += tl.where((cnpos > 0.0)[None, :], cg[None, :] * pc - tl.where(pos, cgp[None, :], 0.0), 0.0)
+    return ds
+
+
+@triton.jit
 def _infonce_bwd_kernel(q_ptr, k_ptr, scale_ptr, ql_ptr, kl_ptr, row_stats_ptr, col_stats_ptr, g_row_ptr, g_col_ptr,
                         ds_ptr, ds_stride, dscale_ptr, R, row0, n_cols, D, tiles_per_split,
                         HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, IN_BATCH_NEG: tl.constexpr,
                         PML: tl.constexpr, SYMMETRIC: tl.constexpr, IS_BANK: tl.constexpr, STORE_DS: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
                         FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
     """dS (x scale, in the dtype of ds_ptr) of one block of BLOCK_N rows over one split of the key tiles -> the slab
     ds[local row, key]; dscale = sum dS_ij q_i.k_j -> dscale[program].  The tiles (hence S) are the forward's.
@@ -521,6 +617,7 @@ def _infonce_bwd_kernel(q_ptr, k_ptr, scale_ptr, ql_ptr, kl_ptr, row_stats_ptr, 
     pml:    dS = g_i (c_i e^{s - lse_i}[valid, not pos] - sigmoid(lse_i - s)[pos])
     with s - lse computed as (s - lse_hi) - lse_lo.  Per tile: 2 BLOCK_N BLOCK_M D FLOP, 1 (2 if SYMMETRIC)
     exponentials per logit, BLOCK_N BLOCK_M itemsize bytes stored."""
+    HALF: tl.constexpr = BLOCK_M // (4 if SYMMETRIC else 2)   # general tiles: sub-tiles of HALF keys
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     row_lo = pid_r * BLOCK_N
@@ -528,6 +625,7 @@ def _infonce_bwd_kernel(q_ptr, k_ptr, scale_ptr, ql_ptr, kl_ptr, row_stats_ptr, 
     rows_g = row0 + rows
     row_ok = rows < R
     scale = tl.load(scale_ptr)
+    qs, ks, kh = _operands(q_ptr, k_ptr, R, n_cols, D, BLOCK_N, BLOCK_M, BLOCK_D, HALF, TMA)
     lse_hi = tl.load(row_stats_ptr + rows_g * 4, mask=row_ok, other=0.0)
     npos = tl.load(row_stats_ptr + rows_g * 4 + 1, mask=row_ok, other=0.0)
     lse_lo = tl.load(row_stats_ptr + rows_g * 4 + 2, mask=row_ok, other=0.0)
@@ -544,73 +642,63 @@ def _infonce_bwd_kernel(q_ptr, k_ptr, scale_ptr, ql_ptr, kl_ptr, row_stats_ptr, 
         ql = tl.load(ql_ptr + rows_g, mask=row_ok, other=0)
     else:
         ql = rows_g
-    dscale = tl.zeros((BLOCK_N,), tl.float32)
+    if STORE_DS and TMA:
+        ds_full = tl.make_tensor_descriptor(ds_ptr, shape=[R, n_cols], strides=[ds_stride, 1],
+                                            block_shape=[BLOCK_N, BLOCK_M])
+        ds_half = tl.make_tensor_descriptor(ds_ptr, shape=[R, n_cols], strides=[ds_stride, 1],
+                                            block_shape=[BLOCK_N, HALF])
+    else:
+        ds_full = ds_ptr
+        ds_half = ds_ptr
+    dscale = tl.zeros((BLOCK_N,), tl.float32)   # sum dS s (/ scale at the end: no Q K^T tile kept live)
     n_tiles = tl.cdiv(n_cols, BLOCK_M)
     t_lo = pid_s * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
-    ds_rows = ds_ptr + rows.to(tl.int64)[:, None] * ds_stride
     for t in range(t_lo, t_hi):
         col_lo = t * BLOCK_M
-        cols = col_lo + tl.arange(0, BLOCK_M)
-        col_ok = cols < n_cols
-        kind = _tile_kind(row_lo, R, col_lo, n_cols, row0 + row_lo, BLOCK_N, BLOCK_M, HAS_LABELS, EXCLUDE_SELF,
-                          IN_BATCH_NEG, IS_BANK)
-        if kind == 2:  # nothing valid: dS = 0
+        kind = _tile_kind(row_lo, R, col_lo, n_cols, row0 + row_lo, BLOCK_N, BLOCK_M, HAS_LABELS, IN_BATCH_NEG,
+                          IS_BANK)
+        if kind == 0:  # every entry valid, none positive: no masks
+            s = scale * _qk_tile(qs, ks, row_lo, col_lo, R, n_cols, D, BLOCK_N, BLOCK_M, BLOCK_D, TMA, FP32_DOT,
+                                 UPCAST)
+            ds = tl.where(has_pos[:, None], gc[:, None] * tl.exp((s - lse_hi[:, None]) - lse_lo[:, None]), 0.0)
+            if SYMMETRIC and not IS_BANK:
+                cols = col_lo + tl.arange(0, BLOCK_M)
+                clse_hi = tl.load(col_stats_ptr + cols * 4)
+                cnpos = tl.load(col_stats_ptr + cols * 4 + 1)
+                clse_lo = tl.load(col_stats_ptr + cols * 4 + 2)
+                cg = tl.load(g_col_ptr + cols)
+                ds += tl.where((cnpos > 0.0)[None, :], cg[None, :] * tl.exp((s - clse_hi[None, :]) - clse_lo[None, :]),
+                               0.0)
+            dscale += tl.sum(ds * s, 1)
             if STORE_DS:
-                tl.store(ds_rows + cols[None, :], tl.zeros((BLOCK_N, BLOCK_M), ds_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & col_ok[None, :])
-        else:
-            qk = _qk_tile(q_ptr, k_ptr, rows, cols, R, n_cols, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D, FP32_DOT,
-                          UPCAST)
-            s = scale * qk
-            if kind == 0:  # every entry valid, none positive: no masks
-                p = tl.exp((s - lse_hi[:, None]) - lse_lo[:, None])
-                ds = tl.where(has_pos[:, None], gc[:, None] * p, 0.0)
-                if SYMMETRIC:
-                    clse_hi = tl.load(col_stats_ptr + cols * 4)
-                    cnpos = tl.load(col_stats_ptr + cols * 4 + 1)
-                    clse_lo = tl.load(col_stats_ptr + cols * 4 + 2)
-                    cg = tl.load(g_col_ptr + cols)
-                    pc = tl.exp((s - clse_hi[None, :]) - clse_lo[None, :])
-                    ds += tl.where((cnpos > 0.0)[None, :], cg[None, :] * pc, 0.0)
-            else:
-                if IS_BANK:
-                    valid = row_ok[:, None] & col_ok[None, :]
-                    p = tl.exp(tl.where(valid, (s - lse_hi[:, None]) - lse_lo[:, None], NEG))
-                    ds = tl.where(has_pos[:, None], gc[:, None] * p, 0.0)
-                else:
-                    pos, valid = _tile_masks(rows_g, cols, row_ok, col_ok, ql, kl_ptr, HAS_LABELS, EXCLUDE_SELF,
-                                             IN_BATCH_NEG)
-                    if PML:
-                        p = tl.exp(tl.where(valid & (~pos), (s - lse_hi[:, None]) - lse_lo[:, None], NEG))
-                        r = tl.sigmoid(tl.where(pos, (lse_hi[:, None] - s) + lse_lo[:, None], 0.0))
-                        ds = gc[:, None] * p - tl.where(pos, gp[:, None] * r, 0.0)
-                    else:
-                        p = tl.exp(tl.where(valid, (s - lse_hi[:, None]) - lse_lo[:, None], NEG))
-                        ds = tl.where(has_pos[:, None], gc[:, None] * p - tl.where(pos, gp[:, None], 0.0), 0.0)
-                    if SYMMETRIC:
-                        clse_hi = tl.load(col_stats_ptr + cols * 4, mask=col_ok, other=0.0)
-                        cnpos = tl.load(col_stats_ptr + cols * 4 + 1, mask=col_ok, other=0.0)
-                        clse_lo = tl.load(col_stats_ptr + cols * 4 + 2, mask=col_ok, other=0.0)
-                        cg = tl.load(g_col_ptr + cols, mask=col_ok, other=0.0)
-                        cgp = cg / tl.maximum(cnpos, 1.0)
-                        pc = tl.exp(tl.where(valid, (s - clse_hi[None, :]) - clse_lo[None, :], NEG))
-                        ds += tl.where((cnpos > 0.0)[None, :], cg[None, :] * pc - tl.where(pos, cgp[None, :], 0.0),
-                                       0.0)
-            dscale += tl.sum(ds * qk, 1)
-            if STORE_DS:
-                tl.store(ds_rows + cols[None, :], (ds * scale).to(ds_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & col_ok[None, :])
-    tl.store(dscale_ptr + pid_r * tl.num_programs(1) + pid_s, tl.sum(dscale, 0))
+                _store_ds(ds_full, ds * scale, row_lo, col_lo, R, n_cols, ds_stride, BLOCK_N, BLOCK_M, TMA)
+        elif kind == 1:
+            for h in tl.static_range(BLOCK_M // HALF):   # (names of half-tile values differ from the full tile's: Triton types)
+                c_lo = col_lo + h * HALF
+                hcols = c_lo + tl.arange(0, HALF)
+                hs = scale * _qk_tile(qs, kh, row_lo, c_lo, R, n_cols, D, BLOCK_N, HALF, BLOCK_D, TMA, FP32_DOT,
+                                      UPCAST)
+                hds = _bwd_general(hs, rows_g, hcols, row_ok, hcols < n_cols, ql, kl_ptr, lse_hi, lse_lo, has_pos,
+                                   gc, gp, col_stats_ptr, g_col_ptr, HAS_LABELS, EXCLUDE_SELF, IN_BATCH_NEG, PML,
+                                   SYMMETRIC, IS_BANK)
+                dscale += tl.sum(hds * hs, 1)
+                if STORE_DS:
+                    _store_ds(ds_half, hds * scale, row_lo, c_lo, R, n_cols, ds_stride, BLOCK_N, HALF, TMA)
+        elif STORE_DS:  # nothing valid: dS = 0
+            _store_ds(ds_full, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), row_lo, col_lo, R, n_cols, ds_stride,
+                      BLOCK_N, BLOCK_M, TMA)
+    tl.store(dscale_ptr + pid_r * tl.num_programs(1) + pid_s, tl.sum(dscale, 0) / scale)
 
 
 # ----------------------------------------------------------------------------------------------- SigLIP
 @triton.jit
 def _siglip_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, out_ptr, R, row0, n_cols, D, tiles_per_split,
-                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
                        FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
     """out[split, row] = sum_j softplus(-y_ij z_ij) over one split of the key tiles, z = scale q.k + bias,
     y_ii = +1 else -1.  Per tile: 2 BLOCK_N BLOCK_M D FLOP, one exp and one log per logit."""
+    HALF: tl.constexpr = BLOCK_M // 2
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     row_lo = pid_r * BLOCK_N
@@ -619,32 +707,37 @@ def _siglip_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, out_ptr, R, row0, n_co
     row_ok = rows < R
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr)
+    qs, ks, kh = _operands(q_ptr, k_ptr, R, n_cols, D, BLOCK_N, BLOCK_M, BLOCK_D, HALF, TMA)
     loss = tl.zeros((BLOCK_N,), tl.float32)
     n_tiles = tl.cdiv(n_cols, BLOCK_M)
     t_lo = pid_s * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
     for t in range(t_lo, t_hi):
         col_lo = t * BLOCK_M
-        cols = col_lo + tl.arange(0, BLOCK_M)
-        z = scale * _qk_tile(q_ptr, k_ptr, rows, cols, R, n_cols, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D, FP32_DOT,
-                             UPCAST) + bias
-        kind = _tile_kind(row_lo, R, col_lo, n_cols, row0 + row_lo, BLOCK_N, BLOCK_M, False, False, True, False)
+        kind = _tile_kind(row_lo, R, col_lo, n_cols, row0 + row_lo, BLOCK_N, BLOCK_M, False, True, False)
         if kind == 0:  # interior, off the diagonal: y = -1
+            z = scale * _qk_tile(qs, ks, row_lo, col_lo, R, n_cols, D, BLOCK_N, BLOCK_M, BLOCK_D, TMA, FP32_DOT,
+                                 UPCAST) + bias
             loss += tl.sum(_softplus(z), 1)
         else:
-            inb = row_ok[:, None] & (cols < n_cols)[None, :]
-            x = tl.where(rows_g[:, None] == cols[None, :], -z, z)
-            loss += tl.sum(tl.where(inb, _softplus(x), 0.0), 1)
+            for h in tl.static_range(BLOCK_M // HALF):
+                c_lo = col_lo + h * HALF
+                hcols = c_lo + tl.arange(0, HALF)
+                hz = scale * _qk_tile(qs, kh, row_lo, c_lo, R, n_cols, D, BLOCK_N, HALF, BLOCK_D, TMA, FP32_DOT,
+                                      UPCAST) + bias
+                x = tl.where(rows_g[:, None] == hcols[None, :], -hz, hz)
+                loss += tl.sum(tl.where(row_ok[:, None] & (hcols < n_cols)[None, :], _softplus(x), 0.0), 1)
     tl.store(out_ptr + pid_s.to(tl.int64) * R + rows, loss, mask=row_ok)
 
 
 @triton.jit
 def _siglip_bwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, g_row_ptr, ds_ptr, ds_stride, red_ptr, R, row0, n_cols, D,
                        tiles_per_split, STORE_DS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
                        FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
     """dZ_ij = -g_i y_ij sigmoid(-y_ij z_ij) (x scale) -> the slab ds[local row, key];
     red[0, program] = sum dZ_ij q_i.k_j (dscale), red[1, program] = sum dZ_ij (dbias)."""
+    HALF: tl.constexpr = BLOCK_M // 2
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     row_lo = pid_r * BLOCK_N
@@ -653,32 +746,47 @@ def _siglip_bwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, g_row_ptr, ds_ptr, ds_
     row_ok = rows < R
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr)
+    qs, ks, kh = _operands(q_ptr, k_ptr, R, n_cols, D, BLOCK_N, BLOCK_M, BLOCK_D, HALF, TMA)
     g = tl.load(g_row_ptr + rows_g, mask=row_ok, other=0.0)
-    dscale = tl.zeros((BLOCK_N,), tl.float32)
+    if STORE_DS and TMA:
+        ds_full = tl.make_tensor_descriptor(ds_ptr, shape=[R, n_cols], strides=[ds_stride, 1],
+                                            block_shape=[BLOCK_N, BLOCK_M])
+        ds_half = tl.make_tensor_descriptor(ds_ptr, shape=[R, n_cols], strides=[ds_stride, 1],
+                                            block_shape=[BLOCK_N, HALF])
+    else:
+        ds_full = ds_ptr
+        ds_half = ds_ptr
+    dscale = tl.zeros((BLOCK_N,), tl.float32)   # sum dZ (z - bias) (/ scale at the end)
     dbias = tl.zeros((BLOCK_N,), tl.float32)
     n_tiles = tl.cdiv(n_cols, BLOCK_M)
     t_lo = pid_s * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
-    ds_rows = ds_ptr + rows.to(tl.int64)[:, None] * ds_stride
     for t in range(t_lo, t_hi):
         col_lo = t * BLOCK_M
-        cols = col_lo + tl.arange(0, BLOCK_M)
-        col_ok = cols < n_cols
-        qk = _qk_tile(q_ptr, k_ptr, rows, cols, R, n_cols, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D, FP32_DOT, UPCAST)
-        z = scale * qk + bias
-        kind = _tile_kind(row_lo, R, col_lo, n_cols, row0 + row_lo, BLOCK_N, BLOCK_M, False, False, True, False)
+        kind = _tile_kind(row_lo, R, col_lo, n_cols, row0 + row_lo, BLOCK_N, BLOCK_M, False, True, False)
         if kind == 0:  # y = -1: dZ = g sigmoid(z)
-            dz = g[:, None] * tl.sigmoid(z)
+            s = scale * _qk_tile(qs, ks, row_lo, col_lo, R, n_cols, D, BLOCK_N, BLOCK_M, BLOCK_D, TMA, FP32_DOT,
+                                 UPCAST)
+            dz = g[:, None] * tl.sigmoid(s + bias)
+            dscale += tl.sum(dz * s, 1)
+            dbias += tl.sum(dz, 1)
+            if STORE_DS:
+                _store_ds(ds_full, dz * scale, row_lo, col_lo, R, n_cols, ds_stride, BLOCK_N, BLOCK_M, TMA)
         else:
-            y = tl.where(rows_g[:, None] == cols[None, :], 1.0, -1.0)
-            dz = tl.where(row_ok[:, None] & col_ok[None, :], -g[:, None] * y * tl.sigmoid(-y * z), 0.0)
-        dscale += tl.sum(dz * qk, 1)
-        dbias += tl.sum(dz, 1)
-        if STORE_DS:
-            tl.store(ds_rows + cols[None, :], (dz * scale).to(ds_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & col_ok[None, :])
+            for h in tl.static_range(BLOCK_M // HALF):
+                c_lo = col_lo + h * HALF
+                hcols = c_lo + tl.arange(0, HALF)
+                hs = scale * _qk_tile(qs, kh, row_lo, c_lo, R, n_cols, D, BLOCK_N, HALF, BLOCK_D, TMA, FP32_DOT,
+                                      UPCAST)
+                y = tl.where(rows_g[:, None] == hcols[None, :], 1.0, -1.0)
+                hdz = tl.where(row_ok[:, None] & (hcols < n_cols)[None, :],
+                               -g[:, None] * y * tl.sigmoid(-y * (hs + bias)), 0.0)
+                dscale += tl.sum(hdz * hs, 1)
+                dbias += tl.sum(hdz, 1)
+                if STORE_DS:
+                    _store_ds(ds_half, hdz * scale, row_lo, c_lo, R, n_cols, ds_stride, BLOCK_N, HALF, TMA)
     prog = pid_r * tl.num_programs(1) + pid_s
-    tl.store(red_ptr + prog, tl.sum(dscale, 0))
+    tl.store(red_ptr + prog, tl.sum(dscale, 0) / scale)
     tl.store(red_ptr + tl.num_programs(0) * tl.num_programs(1) + prog, tl.sum(dbias, 0))
 
 
@@ -724,7 +832,7 @@ class _Call:
     kl: torch.Tensor
     has_labels: bool
     cfg: TileConfig
-    const: dict                 # BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D, FP32_DOT, UPCAST, num_warps, num_stages
+    const: dict                 # BLOCK_N, BLOCK_M, BLOCK_D, TMA, FP32_DOT, UPCAST, num_warps, num_stages
 
     @property
     def n(self):
@@ -739,6 +847,14 @@ class _Call:
         return self.q.shape[1]
 
 
+def _ensure_allocator(device):
+    """Device-side tensor descriptors need a small global scratch per program (triton.set_allocator).  The allocator
+    is a context variable (per thread: autograd runs the backward on its own threads), set here where none is."""
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+
+
 def _prepare(q, k, bank, scale, q_labels=None, k_labels=None) -> _Call:
     q, k = _kernel_input(q), _kernel_input(k)
     kb = 0 if bank is None else bank.shape[0]
@@ -746,9 +862,11 @@ def _prepare(q, k, bank, scale, q_labels=None, k_labels=None) -> _Call:
     n, d = q.shape
     _check_int32_offsets(d, n, k.shape[0], kb)
     ql, kl, has_labels = _labels(q_labels, k_labels, q)
-    cfg = tile_config(q.dtype, q.device)
+    cfg = tile_config(q.dtype, q.device, d)
     bd = _block_d(d, cfg)
-    const = dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=bd, EVEN_D=d % bd == 0,
+    if _tma_ok(d, q.element_size()):
+        _ensure_allocator(q.device)
+    const = dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=bd, TMA=_tma_ok(d, q.element_size()),
                  FP32_DOT=q.dtype == torch.float32, UPCAST=_interpreting(), num_warps=cfg.num_warps,
                  num_stages=cfg.num_stages)
     return _Call(q, k, bank_t, kb, _scalar(scale, q), ql, kl, has_labels, cfg, const)
@@ -986,3 +1104,79 @@ def siglip_bwd(q, k, scale, bias, g_row, needs_dq=True, needs_dk=True, determini
     dscale = torch.stack([r[0] for r in red]).sum()   # separate tensors: custom-op outputs must not alias
     dbias = torch.stack([r[1] for r in red]).sum()
     return dq32.to(dtypes[0]) if needs_dq else None, dk32.to(dtypes[1]) if needs_dk else None, dscale, dbias
+
+
+# ----------------------------------------------------------------------------------------------- AOT list
+# Mode flags of the launches the public API makes for the benchmark cases (benches/cases.py):
+# (HAS_LABELS, EXCLUDE_SELF, IN_BATCH_NEG, PML, SYMMETRIC)
+LAUNCH_MODES = {
+    "clip": (False, False, True, False, True),            # clip_loss
+    "diagonal": (False, False, True, False, False),       # info_nce/diagonal
+    "moco": (False, False, False, False, False),          # info_nce/bank (+ the bank launches)
+    "supcon_self": (True, True, True, False, False),      # info_nce/supcon, nt_xent
+    "pml_self": (True, True, True, True, False),          # info_nce/pml (+ the pml pass)
+}
+_BANK_CASES = ("moco",)
+# the benchmarks run bfloat16; clip (and SigLIP) also float16 / float32 (the CUDA tests)
+_ALL_DTYPE_MODES = ("clip",)
+_MOD = __name__
+_PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+
+
+def _sig(fn, types, constexprs):
+    return {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in fn.arg_names}
+
+
+def _tile_aot(fn, dt, cfg: TileConfig, arch, cx, tma=True):
+    f32 = {p: "*fp32" for p in ("scale_ptr", "bias_ptr", "row_rec_ptr", "col_rec_ptr", "row_stats_ptr",
+                                "col_stats_ptr", "g_row_ptr", "g_col_ptr", "dscale_ptr", "out_ptr", "red_ptr")}
+    types = {"q_ptr": _PTR[dt], "k_ptr": _PTR[dt], "ds_ptr": _PTR[dt], "ql_ptr": "*i64", "kl_ptr": "*i64",
+             "ds_stride": "i32", **f32}
+    const = dict(cx, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, TMA=tma,
+                 FP32_DOT=dt == "fp32", UPCAST=False)
+    return AotConfig(f"{_MOD}:{fn.__name__}", _sig(fn, types, const), const, cfg.num_warps, cfg.num_stages,
+                     divisible_by_16=("D", "ds_stride"), archs=(arch,))
+
+
+def _aot_configs():
+    out = []
+    for (arch, prec, tma), cfg in TILE_CONFIGS.items():
+        if not tma:
+            continue
+        ptr_cfg = TILE_CONFIGS[(arch, prec, False)]
+        for dt in (("fp32",) if prec == "fp32" else ("bf16", "fp16")):
+            modes = [m for m in LAUNCH_MODES if dt == "bf16" or m in _ALL_DTYPE_MODES]
+            fwd, bwd, pml_pass = set(), set(), set()
+            for name in modes:
+                lab, ex, ibn, pml, sym = LAUNCH_MODES[name]
+                mode = dict(HAS_LABELS=lab, EXCLUDE_SELF=ex, IN_BATCH_NEG=ibn, PML=pml, SYMMETRIC=sym)
+                fwd.add(tuple(sorted(dict(mode, IS_BANK=False).items())))
+                bwd.add(tuple(sorted(dict(mode, IS_BANK=False, STORE_DS=True).items())))
+                if pml:
+                    pml_pass.add(tuple(sorted(dict(HAS_LABELS=lab, EXCLUDE_SELF=ex, IN_BATCH_NEG=ibn).items())))
+                if name in _BANK_CASES:   # the bank launches of these cases
+                    fwd.add(tuple(sorted(dict(_BANK_MODES, PML=False, IS_BANK=True).items())))
+                    bwd.add(tuple(sorted(dict(_BANK_MODES, PML=pml, IS_BANK=True, STORE_DS=True).items())))
+            for cx in sorted(fwd):
+                out.append(_tile_aot(_infonce_fwd_kernel, dt, cfg, arch, dict(cx)))
+            for cx in sorted(bwd):
+                out.append(_tile_aot(_infonce_bwd_kernel, dt, cfg, arch, dict(cx)))
+            for cx in sorted(pml_pass):
+                out.append(_tile_aot(_infonce_pml_kernel, dt, cfg, arch, dict(cx)))
+            out.append(_tile_aot(_siglip_fwd_kernel, dt, cfg, arch, {}))
+            out.append(_tile_aot(_siglip_bwd_kernel, dt, cfg, arch, dict(STORE_DS=True)))
+            if dt in ("bf16", "fp32"):  # rows not 16-byte aligned (odd D): the pointer tiles (the CUDA tests)
+                cx = dict(zip(("HAS_LABELS", "EXCLUDE_SELF", "IN_BATCH_NEG", "PML", "SYMMETRIC"), LAUNCH_MODES["clip"]))
+                out.append(_tile_aot(_infonce_fwd_kernel, dt, ptr_cfg, arch, dict(cx, IS_BANK=False), tma=False))
+                out.append(_tile_aot(_infonce_bwd_kernel, dt, ptr_cfg, arch, dict(cx, IS_BANK=False, STORE_DS=True),
+                                     tma=False))
+    for pml, final in ((False, True), (True, True), (False, False)):
+        out.append(AotConfig(f"{_MOD}:_infonce_merge_kernel",
+                             {"rec_ptr": "*fp32", "n_parts": "i32", "parts_stride": "i32", "count": "i32",
+                              "loss_ptr": "*fp32", "stats_ptr": "*fp32", "PML": "constexpr", "FINAL": "constexpr",
+                              "BLOCK_C": "constexpr"},
+                             {"PML": pml, "FINAL": final, "BLOCK_C": MERGE_BLOCK}, 4, 1))
+    return out
+
+
+AOT_CONFIGS = _aot_configs()
