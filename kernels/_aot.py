@@ -60,7 +60,7 @@ from typing import Any, Dict, List, Optional, Tuple
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 ARCHS = (80, 90)
 GPU_TRITON = "3.6.0"   # the Triton of the GPU machines (PLATFORM.md)
-_STATS_VERSION = 2      # bump when the cached statistics change shape
+_STATS_VERSION = 3      # bump when the cached statistics change shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +171,7 @@ def _ptxas_stats(ptx: str, arch: int) -> Tuple[int, int]:
             raise RuntimeError(f"could not read the register count from ptxas -v:\n{log}")
         return {"registers": max(regs), "spill_bytes": sum(int(a) + int(b) for a, b in spills)}
 
-    d = _cached(f"ptxas{_STATS_VERSION}\n{triton.__version__}\n{arch}\n{' '.join(flags)}\n{ptx}", compute)
+    d = _cached(f"ptxas2\n{triton.__version__}\n{arch}\n{' '.join(flags)}\n{ptx}", compute)
     return d["registers"], d["spill_bytes"]
 
 
@@ -214,6 +214,8 @@ def _categorize(ops) -> Dict[str, int]:
         c[_CATEGORIES.get(base, "other")] += 1
         if base == "CCTL" and "IVALL" in op:
             c["CCTL.IVALL"] += 1
+        if base == "MEMBAR" and ".GPU" in op or base == "MEMBAR" and ".SYS" in op:
+            c["MEMBAR.GPU"] += 1   # a device-wide fence (the CTA-level ones come with TMA stores)
     c["total"] = len(ops)
     return dict(c)
 

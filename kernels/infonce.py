@@ -121,8 +121,8 @@ class TileConfig:
 TILE_CONFIGS: Dict[Tuple[int, str, bool], TileConfig] = {
     (90, "16bit", True): TileConfig(128, 128, 64, 8, 3),
     (90, "fp32", True): TileConfig(128, 64, 32, 8, 3),
-    (80, "16bit", True): TileConfig(128, 128, 64, 8, 3),
-    (80, "fp32", True): TileConfig(64, 64, 32, 4, 3),
+    (80, "16bit", True): TileConfig(128, 64, 64, 8, 3),
+    (80, "fp32", True): TileConfig(64, 32, 32, 4, 3),
     (90, "16bit", False): TileConfig(64, 64, 64, 4, 3),
     (90, "fp32", False): TileConfig(64, 64, 32, 4, 3),
     (80, "16bit", False): TileConfig(64, 64, 64, 4, 3),
@@ -178,13 +178,13 @@ def _num_sms(device) -> int:
     return 2
 
 
-def _splits(row_blocks: int, n_tiles: int, device) -> int:
+def _splits(row_blocks: int, n_tiles: int, device=None, sms: Optional[int] = None) -> int:
     """Splits of the key tiles per row block: enough programs to fill the device (PROGRAMS_PER_SM per SM)."""
     if n_tiles == 0:
         return 0
     if FORCE_SPLITS is not None:
         return max(1, min(FORCE_SPLITS, n_tiles))
-    want = triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), max(row_blocks, 1))
+    want = triton.cdiv(PROGRAMS_PER_SM * (sms if sms is not None else _num_sms(device)), max(row_blocks, 1))
     return max(1, min(want, n_tiles))
 
 
@@ -338,15 +338,24 @@ def _exp(x):
 
 @triton.jit
 def _log1p(x):
-    """log(1 + x) for x >= 0 to fp32 accuracy (u = 1 + x rounds; log(u) x / (u - 1) corrects it)."""
-    u = 1.0 + x
-    d = u - 1.0
-    return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+    """log(1 + x) for 0 <= x <= 1 to 2e-7 relative error: x P(x) with P a degree-8 fit of log1p(x) / x (9 FMA-class
+    instructions; log(1 + x) would lose the digits of a small x, and the Goldberg correction log(u) x / (u - 1)
+    costs a libdevice log and a division per element)."""
+    p = 0.0051058256
+    p = p * x - 0.028991956
+    p = p * x + 0.07738074
+    p = p * x - 0.135906
+    p = p * x + 0.1907131
+    p = p * x - 0.24833946
+    p = p * x + 0.33317935
+    p = p * x - 0.49999437
+    p = p * x + 0.99999994
+    return p * x
 
 
 @triton.jit
 def _softplus(x):
-    """log(1 + e^x) = max(x, 0) + log1p(e^{-|x|}); NaN propagates (tl.maximum may drop it)."""
+    """log(1 + e^x) = max(x, 0) + log1p(e^{-|x|}) (e^{-|x|} in (0, 1]); NaN propagates (tl.maximum may drop it)."""
     return tl.maximum(x, 0.0) + _log1p(_exp(-tl.abs(x))) + tl.where(x == x, 0.0, x)
 
 
@@ -432,7 +441,7 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, scale_ptr, ql_ptr, kl_ptr, row_rec_ptr, co
     IS_BANK).  Row record -> row_rec[f, row_part0 + split, local row] (f = max, l_neg, l_pos, possum, npos);
     column record of each tile -> col_rec[f, 1 + row block, key] (part 0 is the running record of earlier chunks).
     Per tile: 2 BLOCK_N BLOCK_M D FLOP; 1 (2 if SYMMETRIC) exponentials per logit."""
-    HALF: tl.constexpr = BLOCK_M // (4 if SYMMETRIC else 2)   # general tiles: sub-tiles of HALF keys
+    HALF: tl.constexpr = BLOCK_M // 4 if (SYMMETRIC and BLOCK_M >= 64) else BLOCK_M // 2   # general sub-tiles
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     row_lo = pid_r * BLOCK_N
@@ -629,7 +638,7 @@ def _infonce_bwd_kernel(q_ptr, k_ptr, scale_ptr, ql_ptr, kl_ptr, row_stats_ptr, 
     pml:    dS = g_i (c_i e^{s - lse_i}[valid, not pos] - sigmoid(lse_i - s)[pos])
     with s - lse computed as (s - lse_hi) - lse_lo.  Per tile: 2 BLOCK_N BLOCK_M D FLOP, 1 (2 if SYMMETRIC)
     exponentials per logit, BLOCK_N BLOCK_M itemsize bytes stored."""
-    HALF: tl.constexpr = BLOCK_M // (4 if SYMMETRIC else 2)   # general tiles: sub-tiles of HALF keys
+    HALF: tl.constexpr = BLOCK_M // 4 if (SYMMETRIC and BLOCK_M >= 64) else BLOCK_M // 2   # general sub-tiles
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     row_lo = pid_r * BLOCK_N
@@ -1192,3 +1201,85 @@ def _aot_configs():
 
 
 AOT_CONFIGS = _aot_configs()
+
+
+# ----------------------------------------------------------------------------------------------- roofline model
+ROOFLINE_CASES = {"clip_n65536_d512_bf16": ("clip", 65536, 512), "siglip_n65536_d512_bf16": ("siglip", 65536, 512)}
+
+
+def roofline_model(case: str) -> list:
+    """The launches of a headline case on an H200 (sm_90, 132 SMs, workspace cap WORKSPACE_CAP_BYTES) with their FLOP
+    and byte counts from the tiling, for ``python -m contrastgen.kernels.roofline``.  HBM bytes count each input once
+    per pass (the programs of a wave share the Q / K tiles through L2) plus every record / slab byte; L2 bytes count
+    every tile load ((BLOCK_N + BLOCK_M) D itemsize per tile).  ``tiles``: the full (fast-path) tiles, which carry
+    ~all the work (the diagonal / edge tiles take the masked path in sub-tiles)."""
+    if case not in ROOFLINE_CASES:
+        raise ValueError(f"roofline_model: unknown case {case!r} (known: {sorted(ROOFLINE_CASES)})")
+    kind, n, d = ROOFLINE_CASES[case]
+    m, esz, arch, sms = n, 2, 90, 132
+    cfg = TILE_CONFIGS[(arch, "16bit", _tma_ok(d, esz))]
+    bn, bm, bd = cfg.block_n, cfg.block_m, cfg.block_d
+    g = 2.0 * n * m * d
+    budget = WORKSPACE_CAP_BYTES
+    t = triton.cdiv(m, bm)
+    rows_out = []
+
+    def add(kernel, aot, ctas, flops, hbm, l2, note, **extra):
+        rows_out.append(dict(kernel=kernel, aot_config=aot, ctas=int(ctas), flops=float(flops), hbm_bytes=float(hbm),
+                             l2_bytes=float(l2), note=note, **extra))
+
+    inputs = (n + m) * d * esz
+    if kind == "clip":
+        mode = dict(zip(("HAS_LABELS", "EXCLUDE_SELF", "IN_BATCH_NEG", "PML", "SYMMETRIC"), LAUNCH_MODES["clip"]))
+        per_row = 4 * NF * min(t, PROGRAMS_PER_SM * sms) + 4 * NF * m / bn
+        rows = _chunk_rows(n, bn, per_row, 4 * NF * 2 * m, budget)
+        chunks = triton.cdiv(n, rows)
+        rb = triton.cdiv(min(rows, n), bn)
+        splits = _splits(rb, t, sms=sms)
+        tiles = triton.cdiv(n, bn) * t
+        diag = triton.cdiv(n, bn)
+        col_rec = 4 * NF * (triton.cdiv(n, bn) + chunks) * m
+        row_rec = 4 * NF * splits * n
+        add("_infonce_fwd_kernel", _tile_aot(_infonce_fwd_kernel, "bf16", cfg, arch, dict(mode, IS_BANK=False)),
+            chunks * rb * splits, g, inputs + col_rec + row_rec, tiles * (bn + bm) * d * esz + col_rec + row_rec,
+            f"{chunks} chunk(s) of {rows} rows, {rb} x {splits} programs, {tiles} tiles of {bn}x{bm}x{bd} "
+            f"({diag} diagonal ones in sub-tiles); row + column records {(col_rec + row_rec) / 1e6:.0f} MB",
+            tiles=tiles - diag, inner_trips=d / bd, phase="fwd")
+        merge_rows = [c for c in AOT_CONFIGS if c.kernel_path.endswith("_infonce_merge_kernel")]
+        add("_infonce_merge_kernel (rows)", merge_rows[0], chunks * triton.cdiv(rows, MERGE_BLOCK), 0,
+            row_rec + 20 * n, row_rec + 20 * n, "merge the row records of the splits", phase="fwd")
+        add("_infonce_merge_kernel (cols)", merge_rows[0], chunks * triton.cdiv(m, MERGE_BLOCK), 0,
+            col_rec + 20 * m, col_rec + 20 * m, "merge the column records of the row blocks", phase="fwd")
+        slab_rows = _chunk_rows(n, bn, _round_up(m) * esz, 0, budget)
+        bchunks = triton.cdiv(n, slab_rows)
+        slab = n * m * esz
+        add("_infonce_bwd_kernel", _tile_aot(_infonce_bwd_kernel, "bf16", cfg, arch,
+                                             dict(mode, IS_BANK=False, STORE_DS=True)),
+            bchunks * triton.cdiv(min(slab_rows, n), bn) * splits, g, inputs + slab, tiles * (bn + bm) * d * esz + slab,
+            f"{bchunks} chunk(s) of {slab_rows} rows: dS slab {slab / 1e9:.1f} GB written (bf16)",
+            tiles=tiles - diag, inner_trips=d / bd, phase="bwd")
+        add("dQ = dS K (torch.mm, cuBLAS)", None, 0, g, slab + m * d * esz + n * d * 4, slab + m * d * esz,
+            "fp32 output, one read of the slab", phase="bwd")
+        add("dK = dS^T Q (torch.mm, cuBLAS)", None, 0, g, slab + n * d * esz + m * d * 4, slab + n * d * esz,
+            "fp32 output, one read of the slab", phase="bwd")
+        add("casts dq, dk -> bf16", None, 0, 0, (n + m) * d * (4 + esz), (n + m) * d * (4 + esz), "", phase="bwd")
+    else:
+        rb = triton.cdiv(n, bn)
+        splits = _splits(rb, t, sms=sms)
+        tiles = rb * t
+        add("_siglip_fwd_kernel", _tile_aot(_siglip_fwd_kernel, "bf16", cfg, arch, {}), rb * splits, g,
+            inputs + 4 * splits * n, tiles * (bn + bm) * d * esz, f"{rb} x {splits} programs, {tiles} tiles",
+            tiles=tiles - rb, inner_trips=d / bd, phase="fwd")
+        slab_rows = _chunk_rows(n, bn, _round_up(m) * esz, 0, budget)
+        bchunks = triton.cdiv(n, slab_rows)
+        slab = n * m * esz
+        add("_siglip_bwd_kernel", _tile_aot(_siglip_bwd_kernel, "bf16", cfg, arch, dict(STORE_DS=True)),
+            bchunks * triton.cdiv(min(slab_rows, n), bn) * splits, g, inputs + slab,
+            tiles * (bn + bm) * d * esz + slab, f"{bchunks} chunk(s): dZ slab {slab / 1e9:.1f} GB written (bf16)",
+            tiles=tiles - rb, inner_trips=d / bd, phase="bwd")
+        add("dQ = dZ K (torch.mm, cuBLAS)", None, 0, g, slab + m * d * esz + n * d * 4, slab + m * d * esz, "",
+            phase="bwd")
+        add("dK = dZ^T Q (torch.mm, cuBLAS)", None, 0, g, slab + n * d * esz + m * d * 4, slab + n * d * esz, "",
+            phase="bwd")
+        add("casts dq, dk -> bf16", None, 0, 0, (n + m) * d * (4 + esz), (n + m) * d * (4 + esz), "", phase="bwd")
+    return rows_out
