@@ -1,77 +1,92 @@
 """Fused Triton kernels for the InfoNCE / CLIP / SigLIP / NT-Xent family.
 
 The launchers ``infonce_fwd``, ``infonce_bwd``, ``siglip_fwd``, ``siglip_bwd`` implement the contract of
-``contrastgen/reference/core.py`` (read it first).  The N x M logits are never stored; the backward keeps one
-bounded slab of dS (a chunk of rows x all keys, see "Memory").
+``contrastgen/reference/core.py`` (read it first).  The N x M logits are never stored: the forward keeps 20-byte
+records per (row block, key), the backward one bounded slab of dS rows (see "Memory").
 
-Math (per logits tile, s_ij = scale q_i.k_j, G = 2 N M D FLOP is one product of the logits)
+Math (s_ij = scale q_i.k_j; G = 2 N M D FLOP is one product of the logits)
 ----
 * forward, supcon:  lse_i = log sum_{j valid} e^{s_ij},  loss_i = lse_i - mean_{p pos} s_ip;
-  pml: lse_i over the valid negatives, loss_i = sum_{p pos} softplus(lse_i - s_ip);
-  symmetric: the same per column (col_loss_j).
+  pml: lse_i over the valid negatives, loss_i = sum_{p pos} softplus(lse_i - s_ip);  symmetric: the same per column.
 * backward: dS_ij = g_i (e^{s_ij - lse_i}[valid] - [pos]/npos_i) (+ g_j (e^{s_ij - lse_j}[valid] - [pos]/npos_j)),
   pml: dS = g_i (c_i e^{s_ij - lse_i}[valid negative] - sigmoid(lse_i - s_ij)[pos]), c_i = sum_p sigmoid(lse_i - s_ip);
   dq = scale dS [k; bank], dk = scale dS^T q, dbank = scale dS_bank^T q, dscale = sum dS_ij q_i.k_j.
 * SigLIP: z = scale q.k + bias, loss_i = sum_j softplus(-y_ij z_ij); dZ = -g_i y sigmoid(-y z).
 
-Kernels (one program = one block of BLOCK_N query rows x one split of the key tiles; it loops over its key tiles,
-each tile's S = Q K^T is a D loop of BLOCK_D chunks, pipelined by Triton -- cp.async + wgmma on sm_90)
--------
-* ``_infonce_fwd_kernel``: per tile the row statistics (online: max m, sum of e^{s-m} over negatives l_neg and over
-  positives l_pos, sum of positive logits, #positives) and, if SYMMETRIC, the same per column of the tile, written as
-  one "record" per (row block, column).  Bank tiles are a second launch with IS_BANK (always valid, never positive).
-* ``_infonce_merge_kernel``: merges the records of a row (over the splits) or a column (over the row blocks) in a
-  fixed order -> loss, stats.  The loss uses the max-shifted, positive-relative form
-  loss = ((m - mean_p s_p) + log l_pos) + log1p(l_neg / l_pos) where the positives dominate (a 1e-7 loss keeps
-  its digits), and stats keep lse as an fp32 pair (lse_hi + lse_lo) so that e^{s - lse} is accurate at logit
-  scale 1e4 (issue 9 item 4).
-* ``_infonce_pml_kernel`` (pml only): the second pass over the tiles that hold a positive: loss_i and c_i.
-* ``_infonce_bwd_kernel``: recomputes each tile with the same tiles as the forward (so S is bitwise the same),
-  forms dS (x scale), stores it in the input dtype into the dS slab, and reduces dscale per program.
-  Then dQ = dS K and dK = dS^T Q are two dense GEMMs (torch.mm -> cuBLAS, fp32 accumulation), each only if its
-  gradient is needed (``needs_dq`` / ``needs_dk`` / ``needs_dbank``): a MoCo bank without grad costs no GEMM.
-* ``_siglip_fwd_kernel`` / ``_siglip_bwd_kernel``: the same structure, elementwise epilogues.
-No atomics anywhere: every reduction is a fixed-order merge, so every path is bitwise reproducible for a given
-device (``deterministic`` only pins the slab size to the total, not the free, device memory).
+Kernels: one program = one block of BLOCK_N query rows x one split of the key tiles (splits fill the device:
+PROGRAMS_PER_SM programs per SM); it loops over its key tiles, and each tile's S = Q K^T is a D loop over BLOCK_D
+chunks (TMA loads + wgmma on sm_90, software-pipelined by Triton, num_stages deep).
+* ``_infonce_fwd_kernel``: online row statistics (max m, sum e^{s-m} over negatives l_neg and over positives l_pos,
+  sum of positive logits, #positives) and, if SYMMETRIC, the same per column of every tile, stored as one record per
+  (row block, key): the symmetric forward is one pass (1G) for every N (4G forward + backward).  Bank tiles: a
+  second launch with IS_BANK (always valid, never positive).
+* ``_infonce_merge_kernel``: merges the records of a row (over its splits) or of a column (over the row blocks,
+  across row chunks) in a fixed order -> loss, stats.  The loss is the max-shifted, positive-relative form
+  ((m - mean_pos s) + log l_pos) + log1p(l_neg / l_pos) where the positives dominate (a 1e-7 loss keeps its digits),
+  and the stats keep lse as an fp32 pair lse_hi + lse_lo, so that e^{s - lse} = e^{(s - lse_hi) - lse_lo} stays exact
+  at logit scales of 1e4 (issue 9 item 4).
+* ``_infonce_pml_kernel`` (pml): a second pass over the tiles that hold a positive -> loss_i and c_i.
+* ``_infonce_bwd_kernel``: recomputes each tile with the forward's tiles (so S is bitwise the forward's: the lse pair
+  matches it), forms dS x scale, stores it in the input dtype into the dS slab (TMA store) and reduces dscale per
+  program; then dQ = dS K and dK = dS^T Q are dense GEMMs (torch.mm -> cuBLAS, fp32 accumulation and output, one
+  rounding), each only if its gradient is needed (a MoCo bank without grad: no dbank product).
+* ``_siglip_fwd_kernel`` / ``_siglip_bwd_kernel``: the same structure with elementwise epilogues.
+Tiles come in three kinds (``_tile_kind``): interior tiles without a positive or an exclusion (all the work of CLIP
+but the diagonal) run an epilogue without masks; diagonal / label / edge tiles run in sub-tiles of BLOCK_M / 2
+(/ 4 when SYMMETRIC) with masks, which halves their registers; MoCo tiles with nothing valid are skipped.  Mode
+flags are constexprs.  No atomics anywhere: every reduction is a fixed-order merge, so every path is bitwise
+reproducible (``deterministic`` only pins the slab size to the total device memory); with no atomics left there
+is no dK tile for CTAs to collide on, so no rotated key start either.
 
-Why this backward (the options, CLIP N = M = 65,536, D = 512, bf16, H200: 790 TFLOP/s, 4.8 TB/s HBM,
-L2 assumed 8 TB/s; G = 4.4 TFLOP = 5.6 ms)
-------------------------------------------------------------------------------------------------------
-  (a) FA2/FA3 style, one kernel, dQ on-chip, dK reduced with (relaxed) fp32 atomics: 3G MMA; dQ (BLOCK_N x D fp32)
-      on-chip caps BLOCK_N at 64 for D = 512 (128 registers/thread), so dK receives (N / 64) M D = 2.1e9 x 32
-      fp32 atomics = 137 GB of L2 reductions (+ 69 GB of K tiles) -> >= 17 ms of L2 traffic, L2-bound above the
-      16.7 ms of MMA; estimate 20-30 ms for the backward.
-  (b) row kernel (dQ on-chip) + column kernel (dK on-chip), no atomics: 4G MMA (S recomputed twice) = 22.3 ms,
-      4 exponentials per logit (row and column dS in both kernels); estimate 28-35 ms.
-  (c) [chosen] one tile kernel forms dS once (1G + 2 exponentials per logit) into a bf16 slab (8.6 GB written,
-      17 GB read back by the GEMMs, overlapping their compute), dQ and dK by cuBLAS (2G at ~the matmul rate):
-      3G MMA = 16.7 ms + the dS epilogue; estimate 19-23 ms for the backward (``python -m
-      contrastgen.kernels.roofline`` prints the numbers from the SASS of the shipped configs).
-  The same rule for the forward: one pass computes the row and column statistics (1G), records of 20 B per
-  (row block, column) (N M / BLOCK_N x 20 B = 640 MiB at the headline, chunked by the memory budget), instead of
-  a second column pass (2G) -- the symmetric loss is 4G in all for every N.
-  Why not keep Q resident in shared memory (FA style): a 128 x 512 bf16 Q tile is 128 KiB; with two 64 KiB K stages
-  it exceeds sm_90's 227 KiB, and sm_80's 163 KiB with one.  The GEMM-style D loop streams (BLOCK_N + BLOCK_M)
-  x BLOCK_D chunks instead: L2 traffic (1/BLOCK_M + 1/BLOCK_N) 2 N M D bytes per pass (69 GB for 128 x 128).
+Numbers (H200 sm_90a, bf16, 128 x 128 x 64 tiles, 8 warps, 3 stages; SASS of the shipped kernels, Triton 3.8 / 3.6)
+--------------------------------------------------------------------------------------------------------------------
+per full tile: 2 x 128 x 128 x D FLOP (8 x 4 HGMMA.64x128x16 per warp at D = 512), (128 + 128) x D x 2 bytes of
+TMA loads (256 KiB at D = 512, from L2).  CLIP forward (symmetric): 193 / 249 registers, 0 spills, 96 KiB shared;
+per tile and warp 1,595 instructions outside the D loop + 8 x 72 in it: 130 MUFU (two exponentials per logit: row
+and column), 392 SHFL (the column reductions).  Backward (symmetric): 235 / 254 registers, 0 spills, 137 KiB shared;
+per tile and warp ~1,500 + 8 x 74 instructions, 128 MUFU, 32 KiB TMA store of dS.  SigLIP forward: 151 registers,
+64 MUFU per tile and warp (softplus: one exponential + a degree-8 log1p polynomial, 2e-7 relative).
+
+Why this structure (the options, CLIP N = M = 65,536, D = 512, bf16, H200: 790 TFLOP/s measured dense rate, 4.8 TB/s
+HBM, L2 assumed 7.2 TB/s; G = 4.4 TFLOP = 5.6 ms; floor 4G = 22.3 ms)
+-----------------------------------------------------------------------------------------------------------------
+  backward
+  (a) FlashAttention-2/3 style, one kernel, dQ on-chip, dK reduced with (relaxed) fp32 atomics: 3G MMA = 16.7 ms;
+      a BLOCK_N x D fp32 dQ on-chip caps BLOCK_N at 64 for D = 512 (128 registers/thread), so dK receives
+      (N / 64) M D = 3.4e10 fp32 atomic adds = 137 GB of L2 reductions (+ 69 GB of K tiles): >= 29 ms of L2 traffic.
+      Estimate 30-45 ms (L2-bound).
+  (b) a row kernel (dQ on-chip) + a column kernel (dK on-chip), no atomics: 4G MMA = 22.3 ms, 137 GB of L2 loads
+      (19 ms), 4 exponentials per logit; estimate 25-35 ms (plus the same 64-row dQ register limit).
+  (c) [chosen] one tile kernel forms dS once (1G, 2 exponentials per logit; 77 GB of L2: 10.7 ms) into a bf16 slab
+      (8.6 GB written, read back once by each GEMM), dQ and dK by cuBLAS (2 x 5.6 ms at the matmul rate):
+      estimate 21.9 ms for the backward.
+  forward
+  (d) [chosen] one pass with row and column records (1G; 69 GB of L2 = 9.6 ms, 0.7 GB of records): 9.6-10.5 ms.
+  (e) the row pass plus a column pass with the roles swapped (2G, no records): 19-21 ms.
+  Total (c) + (d): 31.7-32.6 ms = 1.43-1.46x the 4G floor (``python -m contrastgen.kernels.roofline``, an estimate);
+  the tile passes are L2-bound at 128 x 128 (64 FLOP per L2 byte): 128 x 256 tiles would cut their L2 traffic by a
+  quarter but spill in the backward.  SigLIP: 31.5 ms = 1.89x its 3G floor (the O(N)-memory recomputation is 4G).
+  Why not keep the Q tile resident (FA style): a 128 x 512 bf16 Q tile is 128 KiB; Triton keeps a loop-invariant
+  operand whole (it cannot index the D chunks of a resident tile), so the K tile would be 128 x 512 too: with two
+  stages 128 + 256 KiB > 227 KiB on sm_90.  The GEMM-style D loop streams (BLOCK_N + BLOCK_M) x BLOCK_D chunks.
 
 Memory
 ------
-The dS slab holds ``rows x (M + K)`` values (rows a multiple of BLOCK_N) and the forward records
-``20 (S + 1) rows + 20 (rows / BLOCK_N + 1) M`` bytes; rows is the largest that fits ``workspace_budget`` (a fraction
-WORKSPACE_FRACTION of the free CUDA memory, at most WORKSPACE_CAP_BYTES; of the total memory in deterministic mode;
-CPU_WORKSPACE_BYTES on CPU), so the work is done in row chunks when the problem is large.  Beyond the slab:
+The forward records take 20 (S + 1) rows + 20 (rows / BLOCK_N + 1) M bytes and the dS slab rows x (M + K) itemsize,
+rows (a multiple of BLOCK_N) the largest that fits ``workspace_budget`` (WORKSPACE_FRACTION of the free CUDA memory,
+at most WORKSPACE_CAP_BYTES; of the total memory in deterministic mode; CPU_WORKSPACE_BYTES on CPU): larger
+problems run in row chunks.  At the headline: one chunk, 0.7 GB of records, an 8.6 GB slab.  Beyond that
 O((N + M + K) D) (the fp32 gradient accumulators).
 
-Tiles per architecture (``TILE_CONFIGS``; the same tile for every pass of a call, so the recomputed S equals the
-forward's bit for bit): sm_90 128 x 128 x 64, 8 warps (two warpgroups, every product a wgmma m64n128k16);
-sm_80 128 x 128 x 64 on mma.sync; fp32 uses ``input_precision="tf32x3"`` (3 tf32 products).
-Mode flags are constexprs: a launch builds only the epilogue it needs; interior tiles without a positive take a
-branch without masks.
+Tiles per architecture (``TILE_CONFIGS``, the same tile for every pass of a call): sm_90 128 x 128 x 64 (16-bit) and
+128 x 64 x 32 (fp32, tf32x3: three tf32 products), both on wgmma; rows of D * itemsize bytes not a multiple of 16
+(no TMA) 64 x 64; sm_80 (no TMA, mma.sync) 64 x 64 x 64 and 64 x 32 x 16.
 
-Numbers: "-inf" is the finite NEG = -1e30 (empty sets: lse = NEG, loss 0, zero gradient).  A NaN or Inf logit is
-never an empty set: it propagates to the loss, the stats and every gradient entry it touches (issue 9 item 1).
-2026-11-24: the Triton interpreter computes bf16 ``tl.dot`` wrongly (upstream issue 11584): under
-TRITON_INTERPRET=1 the constexpr UPCAST converts the dot operands to fp32.
+Non-finite inputs: "-inf" is the finite NEG = -1e30 (empty sets: lse = NEG, loss 0, zero gradient); a NaN / Inf logit
+is never an empty set (the empty test is l == 0, which NaN fails) and propagates to the loss, the stats and every
+gradient entry it touches (the dense GEMMs propagate NaN through zero entries of dS, as the reference does).
+2026-11-24: the Triton interpreter computes bf16 ``tl.dot`` wrongly (upstream issue 11584): under TRITON_INTERPRET=1
+the constexpr UPCAST converts the dot operands to fp32.
 """
 from __future__ import annotations
 
@@ -114,19 +129,17 @@ class TileConfig:
     num_stages: int
 
 
-# (architecture, precision, TMA) -> tile.  TMA: rows of D * itemsize bytes a multiple of 16 (tensor descriptors);
-# otherwise masked pointer loads, which need more registers (smaller tiles; odd D only).  Every entry compiles with
-# zero spills for its architecture under the CI's Triton and Triton 3.6 (tests/test_aot_compile.py); on sm_90 every
-# product of the 16-bit tiles is a wgmma (m64 per warpgroup).
+# (architecture, precision, TMA) -> tile.  TMA (sm_90 only): tensor descriptors, for rows of D * itemsize bytes a
+# multiple of 16; otherwise masked pointer loads (cp.async), which need more registers: smaller tiles (sm_80, odd D).
+# Every entry compiles with zero spills for its architecture under the CI's Triton and Triton 3.6
+# (tests/test_aot_compile.py); on sm_90 every product of the 16-bit tiles is a wgmma (m64 per warpgroup).
 TILE_CONFIGS: Dict[Tuple[int, str, bool], TileConfig] = {
     (90, "16bit", True): TileConfig(128, 128, 64, 8, 3),
     (90, "fp32", True): TileConfig(128, 64, 32, 8, 3),
-    (80, "16bit", True): TileConfig(128, 64, 64, 8, 3),
-    (80, "fp32", True): TileConfig(64, 32, 32, 4, 3),
     (90, "16bit", False): TileConfig(64, 64, 64, 4, 3),
     (90, "fp32", False): TileConfig(64, 64, 32, 4, 3),
     (80, "16bit", False): TileConfig(64, 64, 64, 4, 3),
-    (80, "fp32", False): TileConfig(64, 64, 32, 4, 3),
+    (80, "fp32", False): TileConfig(64, 32, 16, 4, 2),
 }
 INTERPRET_TILE = TileConfig(64, 64, 64, 4, 1)   # few, large tiles keep the interpreter fast
 MERGE_BLOCK = 256
@@ -153,14 +166,23 @@ def _arch(device) -> int:
     return 90 if major >= 9 else 80
 
 
+def _target_arch(device) -> int:
+    """The architecture whose tiles a call uses (under the interpreter: INTERPRET_WITH_GPU_CONFIGS, else sm_90's
+    TMA choice with the interpreter's tile)."""
+    if _interpreting():
+        return INTERPRET_WITH_GPU_CONFIGS or 90
+    return _arch(device)
+
+
+def use_tma(d: int, dtype, device) -> bool:
+    return _target_arch(device) >= 90 and _tma_ok(d, torch.empty(0, dtype=dtype).element_size())
+
+
 def tile_config(dtype, device, d: int) -> TileConfig:
     """The tile every pass of a call uses (the interpreter's, unless INTERPRET_WITH_GPU_CONFIGS)."""
-    tma = _tma_ok(d, torch.empty(0, dtype=dtype).element_size())
-    if _interpreting():
-        if INTERPRET_WITH_GPU_CONFIGS is None:
-            return INTERPRET_TILE
-        return TILE_CONFIGS[(INTERPRET_WITH_GPU_CONFIGS, _precision(dtype), tma)]
-    return TILE_CONFIGS[(_arch(device), _precision(dtype), tma)]
+    if _interpreting() and INTERPRET_WITH_GPU_CONFIGS is None:
+        return INTERPRET_TILE
+    return TILE_CONFIGS[(_target_arch(device), _precision(dtype), use_tma(d, dtype, device))]
 
 
 def _tma_ok(d: int, itemsize: int) -> bool:
@@ -821,7 +843,8 @@ def _kernel_input(t):
         t = t.float()
     if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"the Triton kernels take float32, bfloat16 or float16 inputs, got {t.dtype}")
-    return t.contiguous()
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()   # tensor descriptors need 16-byte aligned bases
 
 
 def _scalar(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -868,12 +891,18 @@ class _Call:
         return self.q.shape[1]
 
 
-def _ensure_allocator(device):
+def _scratch(size: int, alignment: int, stream):
+    device = "cuda" if torch.cuda.is_available() and not _interpreting() else "cpu"
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
+def _ensure_allocator():
     """Device-side tensor descriptors need a small global scratch per program (triton.set_allocator).  The allocator
-    is a context variable (per thread: autograd runs the backward on its own threads), set here where none is."""
+    is a context variable (per thread: autograd runs the backward on its own threads), set here where none is (a
+    user's allocator is kept).  2026-12-01: Triton exposes no public "is an allocator set" query."""
     from triton.runtime import _allocation
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+        triton.set_allocator(_scratch)
 
 
 def _prepare(q, k, bank, scale, q_labels=None, k_labels=None) -> _Call:
@@ -885,9 +914,10 @@ def _prepare(q, k, bank, scale, q_labels=None, k_labels=None) -> _Call:
     ql, kl, has_labels = _labels(q_labels, k_labels, q)
     cfg = tile_config(q.dtype, q.device, d)
     bd = _block_d(d, cfg)
-    if _tma_ok(d, q.element_size()):
-        _ensure_allocator(q.device)
-    const = dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=bd, TMA=_tma_ok(d, q.element_size()),
+    tma = use_tma(d, q.dtype, q.device)
+    if tma:
+        _ensure_allocator()
+    const = dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=bd, TMA=tma,
                  FP32_DOT=q.dtype == torch.float32, UPCAST=_interpreting(), num_warps=cfg.num_warps,
                  num_stages=cfg.num_stages)
     return _Call(q, k, bank_t, kb, _scalar(scale, q), ql, kl, has_labels, cfg, const)
@@ -1161,9 +1191,9 @@ def _tile_aot(fn, dt, cfg: TileConfig, arch, cx, tma=True):
 
 def _aot_configs():
     out = []
-    for (arch, prec, tma), cfg in TILE_CONFIGS.items():
-        if not tma:
-            continue
+    for arch, prec in sorted({(a, p) for a, p, _ in TILE_CONFIGS}):
+        tma = (arch, prec, True) in TILE_CONFIGS
+        cfg = TILE_CONFIGS[(arch, prec, tma)]
         ptr_cfg = TILE_CONFIGS[(arch, prec, False)]
         for dt in (("fp32",) if prec == "fp32" else ("bf16", "fp16")):
             modes = [m for m in LAUNCH_MODES if dt == "bf16" or m in _ALL_DTYPE_MODES]
@@ -1179,14 +1209,14 @@ def _aot_configs():
                     fwd.add(tuple(sorted(dict(_BANK_MODES, PML=False, IS_BANK=True).items())))
                     bwd.add(tuple(sorted(dict(_BANK_MODES, PML=pml, IS_BANK=True, STORE_DS=True).items())))
             for cx in sorted(fwd):
-                out.append(_tile_aot(_infonce_fwd_kernel, dt, cfg, arch, dict(cx)))
+                out.append(_tile_aot(_infonce_fwd_kernel, dt, cfg, arch, dict(cx), tma=tma))
             for cx in sorted(bwd):
-                out.append(_tile_aot(_infonce_bwd_kernel, dt, cfg, arch, dict(cx)))
+                out.append(_tile_aot(_infonce_bwd_kernel, dt, cfg, arch, dict(cx), tma=tma))
             for cx in sorted(pml_pass):
-                out.append(_tile_aot(_infonce_pml_kernel, dt, cfg, arch, dict(cx)))
-            out.append(_tile_aot(_siglip_fwd_kernel, dt, cfg, arch, {}))
-            out.append(_tile_aot(_siglip_bwd_kernel, dt, cfg, arch, dict(STORE_DS=True)))
-            if dt in ("bf16", "fp32"):  # rows not 16-byte aligned (odd D): the pointer tiles (the CUDA tests)
+                out.append(_tile_aot(_infonce_pml_kernel, dt, cfg, arch, dict(cx), tma=tma))
+            out.append(_tile_aot(_siglip_fwd_kernel, dt, cfg, arch, {}, tma=tma))
+            out.append(_tile_aot(_siglip_bwd_kernel, dt, cfg, arch, dict(STORE_DS=True), tma=tma))
+            if tma and dt in ("bf16", "fp32"):  # rows not 16-byte aligned (odd D): the pointer tiles (CUDA tests)
                 cx = dict(zip(("HAS_LABELS", "EXCLUDE_SELF", "IN_BATCH_NEG", "PML", "SYMMETRIC"), LAUNCH_MODES["clip"]))
                 out.append(_tile_aot(_infonce_fwd_kernel, dt, ptr_cfg, arch, dict(cx, IS_BANK=False), tma=False))
                 out.append(_tile_aot(_infonce_bwd_kernel, dt, ptr_cfg, arch, dict(cx, IS_BANK=False, STORE_DS=True),

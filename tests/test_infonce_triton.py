@@ -276,7 +276,7 @@ def test_gpu_tile_configs_under_the_interpreter(case, dtype, arch, monkeypatch):
     monkeypatch.setattr(K, "INTERPRET_WITH_GPU_CONFIGS", arch)
     q, k, bank, scale, ql, kl, ex, ibn, pml, sym = _make_case(case, dtype)
     cfg = K.tile_config(q.dtype, q.device, q.shape[1])
-    assert cfg == K.TILE_CONFIGS[(arch, K._precision(dtype), K._tma_ok(q.shape[1], q.element_size()))]
+    assert cfg == K.TILE_CONFIGS[(arch, K._precision(dtype), K.use_tma(q.shape[1], q.dtype, q.device))]
     out = K.infonce_fwd(q, k, bank, scale, ql, kl, ex, ibn, pml, sym)
     exp = ref.infonce_core_fwd_ref(q, k, bank, scale, ql, kl, ex, ibn, pml, sym)
     _check_fwd(out, exp, 2e-5 if dtype == F32 else 1e-4)
