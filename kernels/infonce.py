@@ -80,7 +80,7 @@ O((N + M + K) D) (the fp32 gradient accumulators).
 
 Tiles per architecture (``TILE_CONFIGS``, the same tile for every pass of a call): sm_90 128 x 128 x 64 (16-bit) and
 128 x 64 x 32 (fp32, tf32x3: three tf32 products), both on wgmma; rows of D * itemsize bytes not a multiple of 16
-(no TMA) 64 x 64; sm_80 (no TMA, mma.sync) 64 x 64 x 64 and 64 x 32 x 16.
+(no TMA) 64 x 64; sm_80 (no TMA, mma.sync) 64 x 64 x 32 and 64 x 32 x 16.
 
 Non-finite inputs: "-inf" is the finite NEG = -1e30 (empty sets: lse = NEG, loss 0, zero gradient); a NaN / Inf logit
 is never an empty set (the empty test is l == 0, which NaN fails) and propagates to the loss, the stats and every
@@ -138,7 +138,7 @@ TILE_CONFIGS: Dict[Tuple[int, str, bool], TileConfig] = {
     (90, "fp32", True): TileConfig(128, 64, 32, 8, 3),
     (90, "16bit", False): TileConfig(64, 64, 64, 4, 3),
     (90, "fp32", False): TileConfig(64, 64, 32, 4, 3),
-    (80, "16bit", False): TileConfig(64, 64, 64, 4, 3),
+    (80, "16bit", False): TileConfig(64, 64, 32, 4, 3),
     (80, "fp32", False): TileConfig(64, 32, 16, 4, 2),
 }
 INTERPRET_TILE = TileConfig(64, 64, 64, 4, 1)   # few, large tiles keep the interpreter fast
