@@ -60,7 +60,7 @@ from typing import Any, Dict, List, Optional, Tuple
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 ARCHS = (80, 90)
 GPU_TRITON = "3.6.0"   # the Triton of the GPU machines (PLATFORM.md)
-_STATS_VERSION = 3      # bump when the cached statistics change shape
+_STATS_VERSION = 4      # bump when the cached statistics change shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +248,13 @@ def sass_summary(text: str) -> dict:
         rng = in_range(lo, hi)
         out_loops.append({"start": lo, "end": hi, "depth": depth, "counts": _categorize(op for _, op, _ in rng),
                           "hgmma_shapes": shapes(rng)})
-    summary = {"counts": _categorize(op for _, op, _ in ins), "hgmma_shapes": shapes(ins),
+    # atomics wrapped in device-wide fences (what acq_rel atomics become): a MEMBAR.*.GPU or CCTL.IVALL within a few
+    # instructions of an ATOM / RED.  (A lone CCTL.IVALL also follows the wait for a kernel's last TMA stores.)
+    fence_idx = [i for i, (_, op, _) in enumerate(ins)
+                 if (op.startswith("MEMBAR") and (".GPU" in op or ".SYS" in op)) or op.startswith("CCTL.IVALL")]
+    atom_idx = [i for i, (_, op, _) in enumerate(ins) if op.split(".")[0] in ("ATOM", "ATOMG", "RED", "REDG")]
+    fenced = sum(1 for i in atom_idx if any(abs(i - j) <= 6 for j in fence_idx))
+    summary = {"counts": dict(_categorize(op for _, op, _ in ins), fenced_atomics=fenced), "hgmma_shapes": shapes(ins),
                "hmma_shapes": sorted({op for _, op, _ in ins if op.startswith("HMMA")}), "loops": out_loops}
     # the common tile path: the innermost loop whose HGMMA (or HMMA) N is the widest
     inner = [lp for lp in out_loops if not any(o is not lp and lp["start"] <= o["start"] and o["end"] <= lp["end"]
