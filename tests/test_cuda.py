@@ -126,7 +126,8 @@ def moco64(q, k, bank, temperature):
 def nt_xent64(z1, z2, temperature):
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     labels = torch.arange(z1.shape[0], device=z.device).repeat(2)
-    row, _ = core64(z, z, None, 1.0 / temperature, labels, labels, True, True, False)
+    scale = torch.tensor(1.0 / temperature, dtype=z.dtype, device=z.device)
+    row, _ = core64(z, z, None, scale, labels, labels, True, True, False)
     return row.mean()
 
 
