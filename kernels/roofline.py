@@ -155,20 +155,25 @@ def _fmt(results: List[dict], hw=HW) -> str:
         if "unavailable" in res:
             lines.append(f"   not estimated: {res['unavailable']}")
             continue
+        lines.append("   (instr/tile, MUFU, SHFL, HGMMA: SASS per tile and warp on the common path; times in ms)")
         lines.append(f"   {'kernel':32s} {'ctas':>7s} {'GFLOP':>8s} {'HBM GB':>7s} {'L2 GB':>7s} {'regs':>4s} "
                      f"{'instr/tile':>10s} {'MUFU':>6s} {'SHFL':>5s} {'HGMMA':>5s} {'mma':>6s} {'issue':>6s} "
                      f"{'L2':>6s} {'HBM':>6s} {'estimate ms':>13s}")
         for r in res["rows"]:
-            pt = r.get("per_tile_warp") or {}
+            pt = r.get("per_tile_warp")
+            sass = (f"{pt['total']:10.0f} {pt['MUFU']:6.0f} {pt['SHFL']:5.0f} {pt['HGMMA']:5.0f}" if pt else
+                    f"{'-':>10s} {'-':>6s} {'-':>5s} {'-':>5s}")
             lines.append(
-                f"   {r['kernel'][:32]:32s} {r['ctas']:7d} {r['flops'] / 1e9:8.0f} {r['hbm_bytes'] / 1e9:7.2f} "
-                f"{r['l2_bytes'] / 1e9:7.1f} {str(r.get('registers') or '-'):>4s} "
-                f"{pt.get('total', 0):10.0f} {pt.get('MUFU', 0):6.0f} {pt.get('SHFL', 0):5.0f} {pt.get('HGMMA', 0):5.0f} "
-                f"{r['t_mma_ms']:6.2f} {r['t_issue_ms']:6.2f} {r['t_l2_ms']:6.2f} {r['t_hbm_ms']:6.2f} "
-                f"{r['estimate_ms'][0]:6.2f}-{r['estimate_ms'][1]:<6.2f}")
+                f"   {r['kernel'][:32]:32s} {r['ctas']:7d} {r['flops'] / 1e9:8.1f} {r['hbm_bytes'] / 1e9:7.3f} "
+                f"{r['l2_bytes'] / 1e9:7.2f} {str(r.get('registers') or '-'):>4s} {sass} "
+                f"{r['t_mma_ms']:6.3g} {r['t_issue_ms']:6.3g} {r['t_l2_ms']:6.3g} {r['t_hbm_ms']:6.3g} "
+                f"{r['estimate_ms'][0]:6.3g}-{r['estimate_ms'][1]:<6.3g}")
         lo, hi = res["estimate_ms"]
-        lines.append(f"   total {lo:.1f}-{hi:.1f} ms (estimate) vs floor {res['floor']} {res['floor_ms']:.1f} ms: "
+        lines.append(f"   total {lo:.3g}-{hi:.3g} ms (estimate) vs floor {res['floor']} {res['floor_ms']:.3g} ms: "
                      f"{res['ratio_to_floor'][0]:.2f}-{res['ratio_to_floor'][1]:.2f}x the floor")
+        if res["floor"] == "hbm":
+            lines.append(f"   = {100 / res['ratio_to_floor'][1]:.0f}-{100 / res['ratio_to_floor'][0]:.0f}% of the HBM "
+                         "bandwidth on the minimal traffic")
     return "\n".join(lines)
 
 
