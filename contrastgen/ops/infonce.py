@@ -10,6 +10,8 @@ backend table (``contrastgen/ops/_backends.py``) and has the signatures of ``con
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional, Tuple
 
 import torch
@@ -20,6 +22,29 @@ from ._backends import launcher
 
 def _f32(*shape, like: Tensor) -> Tensor:
     return like.new_empty(shape, dtype=torch.float32)
+
+
+def _stats_columns(op: str, backend: str) -> int:
+    """Width of the row/col stats of ``backend`` (contract: >= 2; a launcher module may declare STATS_COLUMNS)."""
+    return int(getattr(launcher(op, backend), "STATS_COLUMNS", 2))
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_needs(fn) -> bool:
+    """2026-12-01: whether a backward launcher takes the ``needs_*`` flags of the contract (the C++ launcher gains
+    them in a parallel change); until every launcher does, the flags are passed only where accepted."""
+    return "needs_dq" in inspect.signature(fn).parameters
+
+
+def _call_bwd(fn, *args, **needs):
+    return fn(*args, **needs) if _takes_needs(fn) else fn(*args)
+
+
+def _grad_or_empty(g: Optional[Tensor], like: Tensor, needed: bool) -> Tensor:
+    """Custom-op outputs cannot be None: a gradient nobody asked for is an empty (0, D) tensor."""
+    if needed and g is not None:
+        return g
+    return like.new_zeros(0, like.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------- InfoNCE
@@ -36,28 +61,33 @@ def infonce_fwd(q: Tensor, k: Tensor, bank: Optional[Tensor], scale: Tensor, q_l
 def _(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric, backend):
     n, m = q.shape[0], k.shape[0]
     mc = m if symmetric else 0
-    return _f32(n, like=q), _f32(mc, like=q), _f32(n, 2, like=q), _f32(mc, 2, like=q)
+    w = _stats_columns("infonce", backend)
+    return _f32(n, like=q), _f32(mc, like=q), _f32(n, w, like=q), _f32(mc, w, like=q)
 
 
 @torch.library.custom_op("contrastgen::infonce_bwd", mutates_args=())
 def infonce_bwd(q: Tensor, k: Tensor, bank: Optional[Tensor], scale: Tensor, q_labels: Optional[Tensor],
                 k_labels: Optional[Tensor], exclude_self: bool, in_batch_negatives: bool, pml: bool, symmetric: bool,
-                row_stats: Tensor, col_stats: Tensor, g_row: Tensor, g_col: Tensor,
-                backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dbank, dscale); dbank is an empty (0, D) tensor when there is no bank."""
-    dq, dk, dbank, dscale = launcher("infonce", backend).infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self,
-                                                       in_batch_negatives, pml, symmetric, row_stats, col_stats,
-                                                       g_row, g_col)
-    if dbank is None:
-        dbank = q.new_zeros(0, q.shape[1])
-    return dq, dk, dbank, dscale.reshape(()).to(torch.float32)
+                row_stats: Tensor, col_stats: Tensor, g_row: Tensor, g_col: Tensor, backend: str,
+                needs_dq: bool = True, needs_dk: bool = True,
+                needs_dbank: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dbank, dscale); a gradient that is not needed (and dbank without a bank) is an empty
+    (0, D) tensor."""
+    dq, dk, dbank, dscale = _call_bwd(launcher("infonce", backend).infonce_bwd, q, k, bank, scale, q_labels,
+                                      k_labels, exclude_self, in_batch_negatives, pml, symmetric, row_stats,
+                                      col_stats, g_row, g_col, needs_dq=needs_dq, needs_dk=needs_dk,
+                                      needs_dbank=needs_dbank)
+    return (_grad_or_empty(dq, q, needs_dq), _grad_or_empty(dk, k, needs_dk),
+            _grad_or_empty(dbank, q, needs_dbank and bank is not None), dscale.reshape(()).to(torch.float32))
 
 
 @infonce_bwd.register_fake
 def _(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric, row_stats, col_stats,
-      g_row, g_col, backend):
-    dbank = torch.empty_like(bank) if bank is not None else q.new_empty(0, q.shape[1])
-    return torch.empty_like(q), torch.empty_like(k), dbank, _f32(like=q)
+      g_row, g_col, backend, needs_dq=True, needs_dk=True, needs_dbank=True):
+    dbank = torch.empty_like(bank) if bank is not None and needs_dbank else q.new_empty(0, q.shape[1])
+    dq = torch.empty_like(q) if needs_dq else q.new_empty(0, q.shape[1])
+    dk = torch.empty_like(k) if needs_dk else k.new_empty(0, k.shape[1])
+    return dq, dk, dbank, _f32(like=q)
 
 
 def _infonce_setup_context(ctx, inputs, output):
@@ -77,10 +107,12 @@ def _infonce_backward(ctx, g_row, g_col, _g_row_stats, _g_col_stats):
         g_row = q.new_zeros(n, dtype=torch.float32)
     if g_col is None:
         g_col = q.new_zeros(m if symmetric else 0, dtype=torch.float32)
+    needs_dq, needs_dk, needs_dbank = ctx.needs_input_grad[:3]
     dq, dk, dbank, dscale = torch.ops.contrastgen.infonce_bwd(
         q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric, row_stats, col_stats,
-        g_row.float(), g_col.float(), backend)
-    return (dq, dk, dbank if bank is not None else None, dscale.to(ctx.scale_dtype),
+        g_row.float(), g_col.float(), backend, needs_dq, needs_dk, needs_dbank and bank is not None)
+    return (dq if needs_dq else None, dk if needs_dk else None,
+            dbank if bank is not None and needs_dbank else None, dscale.to(ctx.scale_dtype),
             None, None, None, None, None, None, None)
 
 
@@ -99,15 +131,19 @@ def _(q, k, scale, bias, backend):
 
 
 @torch.library.custom_op("contrastgen::siglip_bwd", mutates_args=())
-def siglip_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, g_row: Tensor,
-               backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dscale, dbias = launcher("siglip", backend).siglip_bwd(q, k, scale, bias, g_row)
-    return dq, dk, dscale.reshape(()).to(torch.float32), dbias.reshape(()).to(torch.float32)
+def siglip_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, g_row: Tensor, backend: str,
+               needs_dq: bool = True, needs_dk: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dscale, dbias = _call_bwd(launcher("siglip", backend).siglip_bwd, q, k, scale, bias, g_row,
+                                      needs_dq=needs_dq, needs_dk=needs_dk)
+    return (_grad_or_empty(dq, q, needs_dq), _grad_or_empty(dk, k, needs_dk), dscale.reshape(()).to(torch.float32),
+            dbias.reshape(()).to(torch.float32))
 
 
 @siglip_bwd.register_fake
-def _(q, k, scale, bias, g_row, backend):
-    return torch.empty_like(q), torch.empty_like(k), _f32(like=q), _f32(like=q)
+def _(q, k, scale, bias, g_row, backend, needs_dq=True, needs_dk=True):
+    dq = torch.empty_like(q) if needs_dq else q.new_empty(0, q.shape[1])
+    dk = torch.empty_like(k) if needs_dk else k.new_empty(0, k.shape[1])
+    return dq, dk, _f32(like=q), _f32(like=q)
 
 
 def _siglip_setup_context(ctx, inputs, output):
@@ -121,8 +157,11 @@ def _siglip_backward(ctx, g_row):
     q, k, scale, bias = ctx.saved_tensors
     if g_row is None:
         g_row = q.new_zeros(q.shape[0], dtype=torch.float32)
-    dq, dk, dscale, dbias = torch.ops.contrastgen.siglip_bwd(q, k, scale, bias, g_row.float(), ctx.backend)
-    return dq, dk, dscale.to(ctx.dtypes[0]), dbias.to(ctx.dtypes[1]), None
+    needs_dq, needs_dk = ctx.needs_input_grad[:2]
+    dq, dk, dscale, dbias = torch.ops.contrastgen.siglip_bwd(q, k, scale, bias, g_row.float(), ctx.backend,
+                                                             needs_dq, needs_dk)
+    return (dq if needs_dq else None, dk if needs_dk else None, dscale.to(ctx.dtypes[0]), dbias.to(ctx.dtypes[1]),
+            None)
 
 
 siglip_fwd.register_autograd(_siglip_backward, setup_context=_siglip_setup_context)

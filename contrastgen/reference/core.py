@@ -25,9 +25,21 @@ Logits ``s_ij = scale * q_i . k_j`` over the M in-batch columns then the K bank 
 * ``symmetric`` (supcon only, no bank, no exclude_self): the same for the columns of the in-batch
   block: ``col_loss_j = lse_i(s_ij over valid i) - mean_{i positive} s_ij``.
 
-Outputs: ``row_loss`` (N,) fp32, ``col_loss`` (M,) fp32 (empty unless symmetric), ``row_stats`` (N, 2)
-fp32 = [lse_i, npos_i], ``col_stats`` (M, 2) fp32 (empty unless symmetric).  "-inf" may be stored as
-any value <= -1e30; consumers treat it as an empty set.
+Outputs: ``row_loss`` (N,) fp32, ``col_loss`` (M,) fp32 (empty unless symmetric), ``row_stats`` (N, C)
+fp32, ``col_stats`` (M, C) fp32 (empty unless symmetric).  Columns 0 and 1 are [lse_i, npos_i] on every backend
+(the public API reads only these); a backend may append refinements that only its own backward reads, declared
+as ``STATS_COLUMNS`` in its launcher module (default 2).  The Triton launchers use C = 4: column 2 is lse_lo
+(lse = lse_hi + lse_lo as an fp32 pair, so that e^{s - lse} keeps its digits at logit scales of 1e4), column 3
+the pml coefficient c_i below (0 otherwise).  "-inf" may be stored as any value <= -1e30; consumers treat it as
+an empty set.
+
+Non-finite inputs: an empty set (no valid key) is the only case that yields the "-inf" placeholder (loss 0,
+zero gradient).  A NaN or Inf logit (a NaN/Inf feature, bank row or scale) is never an empty set: wherever this
+float64 reference is non-finite, the fused loss is non-finite, and no gradient entry is finite where the
+reference's is not (the dense products below propagate NaN also through zero entries of dS).
+
+Memory: the fused backends never store an N x M matrix; the Triton backward keeps one bounded slab of dS
+(a chunk of rows x (M + K), sized from the free device memory) for the dQ / dK products.
 
 Backward (upstream ``g_row`` (N,), ``g_col`` (M,)), with ``dS_ij`` the gradient w.r.t. ``s_ij``:
 * supcon row i with npos_i > 0: ``dS_ij += g_i (exp(s_ij - lse_i) [j valid] - [j positive] / npos_i)``
@@ -36,6 +48,20 @@ Backward (upstream ``g_row`` (N,), ``g_col`` (M,)), with ``dS_ij`` the gradient 
 * symmetric: the same per column with ``g_col``.
 * ``dq = scale dS [k; bank]``, ``dk = scale dS_batch^T q``, ``dbank = scale dS_bank^T q``,
   ``dscale = sum_ij dS_ij s_ij / scale`` (= sum dS_ij q_i.k_j).
+
+Launcher signatures (every backend)::
+
+    infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric)
+        -> (row_loss, col_loss, row_stats, col_stats)
+    infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric,
+                row_stats, col_stats, g_row, g_col, needs_dq=True, needs_dk=True, needs_dbank=True,
+                deterministic=None) -> (dq or None, dk or None, dbank or None, dscale)
+    siglip_fwd(q, k, scale, bias) -> row_loss
+    siglip_bwd(q, k, scale, bias, g_row, needs_dq=True, needs_dk=True, deterministic=None)
+        -> (dq or None, dk or None, dscale, dbias)
+
+A gradient that is not needed is returned as None and costs nothing (no product, no atomics): the custom ops pass
+``ctx.needs_input_grad``.  ``deterministic=None`` reads ``CONTRASTGEN_DETERMINISTIC``.
 
 SigLIP core
 -----------
@@ -101,14 +127,21 @@ def infonce_core_fwd_ref(q, k, bank, scale, q_labels, k_labels, exclude_self: bo
     return row.float(), col.float(), row_stats, torch.stack([lse_c, npos_c], 1).float()
 
 
+def _stats_lse(stats):
+    """lse of a stats tensor: column 0, plus the lse_lo refinement of column 2 where a backend stores one."""
+    lse = stats[:, 0].double()
+    return lse + stats[:, 2].double() if stats.shape[1] > 2 else lse
+
+
 def infonce_core_bwd_ref(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml,
-                         symmetric, row_stats, col_stats, g_row, g_col):
-    """Returns (dq, dk, dbank, dscale) in the dtypes of (q, k, bank, float32)."""
+                         symmetric, row_stats, col_stats, g_row, g_col, needs_dq=True, needs_dk=True,
+                         needs_dbank=True):
+    """Returns (dq, dk, dbank, dscale) in the dtypes of (q, k, bank, float32); None for a gradient not needed."""
     n, m = q.shape[0], k.shape[0]
     kb = 0 if bank is None else bank.shape[0]
     s, keys = _logits(q, k, bank, scale)
     pos, valid = _masks(n, m, kb, q_labels, k_labels, exclude_self, in_batch_negatives, q.device)
-    lse, npos = row_stats[:, 0].double(), row_stats[:, 1].double()
+    lse, npos = _stats_lse(row_stats), row_stats[:, 1].double()
     g = g_row.double()[:, None]
     if pml:
         r = torch.where(pos, torch.sigmoid(lse[:, None] - s), 0.0)
@@ -118,7 +151,7 @@ def infonce_core_bwd_ref(q, k, bank, scale, q_labels, k_labels, exclude_self, in
         p = torch.where(valid, torch.exp(s - lse[:, None]), 0.0)
         ds = torch.where((npos > 0)[:, None], g * (p - pos.double() / npos.clamp_min(1)[:, None]), 0.0)
     if symmetric:
-        lse_c, npos_c = col_stats[:, 0].double(), col_stats[:, 1].double()
+        lse_c, npos_c = _stats_lse(col_stats), col_stats[:, 1].double()
         sb, pb, vb = s[:, :m], pos[:, :m], valid[:, :m]
         pc = torch.where(vb, torch.exp(sb - lse_c[None, :]), 0.0)
         dsc = torch.where((npos_c > 0)[None, :], g_col.double()[None, :] * (pc - pb.double() / npos_c.clamp_min(1)[None, :]), 0.0)
@@ -128,8 +161,9 @@ def infonce_core_bwd_ref(q, k, bank, scale, q_labels, k_labels, exclude_self, in
     dq = sc * ds @ keys.double()
     dkeys = sc * ds.T @ q.double()
     dscale = (ds * s).sum() / sc
-    dbank = dkeys[m:].to(bank.dtype) if kb else None
-    return dq.to(q.dtype), dkeys[:m].to(k.dtype), dbank, dscale.float()
+    dbank = dkeys[m:].to(bank.dtype) if kb and needs_dbank else None
+    return (dq.to(q.dtype) if needs_dq else None, dkeys[:m].to(k.dtype) if needs_dk else None, dbank,
+            dscale.float())
 
 
 def siglip_core_fwd_ref(q, k, scale, bias):
@@ -139,12 +173,13 @@ def siglip_core_fwd_ref(q, k, scale, bias):
     return (-F.logsigmoid(y * z).sum(1)).float()
 
 
-def siglip_core_bwd_ref(q, k, scale, bias, g_row):
+def siglip_core_bwd_ref(q, k, scale, bias, g_row, needs_dq=True, needs_dk=True):
     qk = q.double() @ k.double().T
     z = scale.double() * qk + bias.double()
     y = -torch.ones_like(z)
     y.diagonal().fill_(1.0)
     dz = -g_row.double()[:, None] * y * torch.sigmoid(-y * z)
     sc = scale.double()
-    return ((sc * dz @ k.double()).to(q.dtype), (sc * dz.T @ q.double()).to(k.dtype),
+    return ((sc * dz @ k.double()).to(q.dtype) if needs_dq else None,
+            (sc * dz.T @ q.double()).to(k.dtype) if needs_dk else None,
             (dz * qk).sum().float(), dz.sum().float())
