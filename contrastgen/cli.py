@@ -1,4 +1,4 @@
-"""``contrastgen`` command line: ``contrastgen bench ...`` and ``contrastgen demo NAME ...``.
+"""``contrastgen`` command line: ``contrastgen bench ...``, ``contrastgen demo NAME ...`` and ``contrastgen conform ...``.
 
 The benchmark harness lives in the repository's ``benches/`` folder (next to this package in a
 source checkout / editable install); each subcommand forwards its remaining arguments."""
@@ -9,7 +9,7 @@ import importlib
 import sys
 from pathlib import Path
 
-DEMOS = {"dispersive": "contrastgen.methods.dispersive_demo"}
+DEMOS = {"dispersive": "contrastgen.methods.dispersive_demo", "conform": "contrastgen.methods.conform_demo"}
 
 
 def _bench(argv):
@@ -25,7 +25,8 @@ def _bench(argv):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="contrastgen", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["bench", "demo"], help="bench: benchmark every op; demo NAME: run a demo")
+    parser.add_argument("command", choices=["bench", "demo", "conform"],
+                        help="bench: benchmark every op; demo NAME: run a demo; conform: CONFORM text-to-image")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         print("\ndemos:", ", ".join(DEMOS))
@@ -33,6 +34,9 @@ def main(argv=None):
     cmd, rest = argv[0], argv[1:]
     if cmd == "bench":
         return _bench(rest)
+    if cmd == "conform":
+        from .methods.conform import cli_main
+        return cli_main(rest)
     if cmd == "demo":
         if not rest or rest[0] not in DEMOS:
             parser.error(f"demo needs one of: {', '.join(DEMOS)}")

@@ -6,7 +6,7 @@
     dispersive      contrastgen.kernels.dispersive      contrastgen.ops._cpp_dispersive   (contrastgen._cpp_dispersive)
     uniformity      contrastgen.kernels.dispersive      contrastgen.ops._cpp_dispersive   (contrastgen._cpp_dispersive)
     patch_nce       -                                   -
-    attention_nce   -                                   -
+    attention_nce   contrastgen.kernels.attention_nce   contrastgen.ops._cpp_attention_nce (contrastgen._cpp_attention_nce)
 
 The "torch" backend of every op is its reference in ``contrastgen.reference``.  The launchers of one op have
 the same functions and signatures on every backend (for infonce / siglip: the contract written out in
@@ -47,6 +47,16 @@ def _cpp_dispersive() -> ModuleType:
     return _cpp_dispersive
 
 
+def _triton_attention_nce() -> ModuleType:
+    from ..kernels import attention_nce
+    return attention_nce
+
+
+def _cpp_attention_nce() -> ModuleType:
+    from . import _cpp_attention_nce
+    return _cpp_attention_nce
+
+
 # op -> backend -> zero-argument function returning the launcher module
 BACKEND_TABLE: Dict[str, Dict[str, Callable[[], ModuleType]]] = {
     "infonce": {"triton": _triton_infonce, "cpp": _cpp_infonce},
@@ -54,12 +64,12 @@ BACKEND_TABLE: Dict[str, Dict[str, Callable[[], ModuleType]]] = {
     "dispersive": {"triton": _triton_dispersive, "cpp": _cpp_dispersive},
     "uniformity": {"triton": _triton_dispersive, "cpp": _cpp_dispersive},
     "patch_nce": {},
-    "attention_nce": {},
+    "attention_nce": {"triton": _triton_attention_nce, "cpp": _cpp_attention_nce},
 }
 
 # op -> the compiled extension its "cpp" launcher needs (``contrastgen._cpp_<name>``, built from csrc/<name>.cpp)
 CPP_EXTENSION: Dict[str, str] = {"infonce": "infonce", "siglip": "infonce", "dispersive": "dispersive",
-                                 "uniformity": "dispersive"}
+                                 "uniformity": "dispersive", "attention_nce": "attention_nce"}
 
 # public function -> the op of the table that runs it (None: reference only, documented as such)
 PUBLIC_OPS: Dict[str, str | None] = {

@@ -16,6 +16,7 @@ from .. import reference as ref
 from . import _validate as V
 from ._dispatch import resolve_backend
 from .dispersive import dispersive_core, uniformity_core
+from .attention_nce import attention_nce_core
 from .infonce import infonce_core, siglip_core
 
 POSITIVES = ("diagonal", "supcon", "pml")
@@ -237,9 +238,32 @@ def patch_nce(query, key, *, temperature=0.07, all_negatives_from_minibatch=Fals
 
 
 # --------------------------------------------------------------------------- CONFORM
+def _check_token_groups(name, token_groups, maps):
+    if isinstance(token_groups, torch.Tensor) or not isinstance(token_groups, (list, tuple)) or not token_groups:
+        raise TypeError(f"{name} must be a non-empty list of lists of token indices, e.g. [[2, 3], [6, 7]]")
+    hi = maps.shape[-1] - 2
+    seen = set()
+    for gi, g in enumerate(token_groups):
+        if not isinstance(g, (list, tuple)) or not g:
+            raise ValueError(f"{name}[{gi}] must be a non-empty list of token indices, got {g!r}")
+        for t in g:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"{name}[{gi}] holds {t!r}; token indices are ints")
+            if not 1 <= t <= hi:
+                raise ValueError(f"token index {t} in {name}[{gi}] is out of range [1, {hi}] for maps of shape "
+                                 f"{tuple(maps.shape)} (index 0 is the start token, the last channel is dropped)")
+            if t in seen:
+                raise ValueError(f"token index {t} appears in more than one place in {name}")
+            seen.add(t)
+
+
 def attention_nce(maps, token_groups: Sequence[Sequence[int]], *, prev_maps=None, temperature=0.5,
-                  softmax_normalize=False, smoothing="conform", loss="ntxent", backend=None):
-    """CONFORM's contrastive loss over cross-attention maps (H, W, 77) -> scalar or (B, H, W, 77) -> (B,)."""
+                  softmax_normalize=False, smoothing="conform", kernel_size=3, sigma=0.5,
+                  softmax_normalize_attention_maps=False, loss="ntxent", backend=None):
+    """CONFORM's contrastive loss over cross-attention maps (H, W, 77) -> scalar or (B, H, W, 77) -> (B,).
+
+    ``token_groups``: [[2, 3], [6, 7]] (shared by every prompt) or, for (B, H, W, 77) maps, one such list per
+    prompt.  See :func:`contrastgen.reference.attention_nce_ref` for the options."""
     V.check_tensor("maps", maps, ndim=(3, 4))
     if maps.shape[-1] < 3:
         raise ValueError(f"maps must have a token axis (last) with at least 3 entries, got shape {tuple(maps.shape)}")
@@ -249,26 +273,36 @@ def attention_nce(maps, token_groups: Sequence[Sequence[int]], *, prev_maps=None
         if prev_maps.shape != maps.shape:
             raise ValueError(f"prev_maps must have the shape of maps: {tuple(prev_maps.shape)} vs {tuple(maps.shape)}")
     V.check_choice("smoothing", smoothing, ("conform", "gaussian", None))
-    V.check_choice("loss", loss, ("ntxent", "contrastive"))
+    V.check_choice("loss", loss, ("ntxent", "contrastive", "ntxent_contrastive"))
     temperature = V.check_positive_scalar("temperature", temperature)
-    if isinstance(token_groups, torch.Tensor) or not isinstance(token_groups, (list, tuple)) or not token_groups:
-        raise TypeError("token_groups must be a non-empty list of lists of token indices, e.g. [[2, 3], [6, 7]]")
-    hi = maps.shape[-1] - 2
-    seen = set()
-    for gi, g in enumerate(token_groups):
-        if not isinstance(g, (list, tuple)) or not g:
-            raise ValueError(f"token_groups[{gi}] must be a non-empty list of token indices, got {g!r}")
-        for t in g:
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise TypeError(f"token_groups[{gi}] holds {t!r}; token indices are ints")
-            if not 1 <= t <= hi:
-                raise ValueError(f"token index {t} in token_groups[{gi}] is out of range [1, {hi}] for maps of shape "
-                                 f"{tuple(maps.shape)} (index 0 is the start token, the last channel is dropped)")
-            if t in seen:
-                raise ValueError(f"token index {t} appears in more than one place in token_groups")
-            seen.add(t)
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError("temperature must be a python float for attention_nce (a hyper-parameter, not learned)")
+    per_prompt = (isinstance(token_groups, (list, tuple)) and token_groups and isinstance(token_groups[0], (list, tuple))
+                  and token_groups[0] and isinstance(token_groups[0][0], (list, tuple)))
+    if per_prompt:
+        if maps.dim() != 4 or len(token_groups) != maps.shape[0]:
+            raise ValueError(f"per-prompt token_groups (a list of {len(token_groups)} group lists) need maps of shape "
+                             f"(B, H, W, T) with B = {len(token_groups)}, got maps of shape {tuple(maps.shape)}")
+        for b, groups in enumerate(token_groups):
+            _check_token_groups(f"token_groups[{b}]", groups, maps)
+    else:
+        _check_token_groups("token_groups", token_groups, maps)
     if maps.shape[-3] < 2 or maps.shape[-2] < 2:
         raise ValueError(f"maps must be at least 2x2 spatially for the reflect-padded smoothing, got {tuple(maps.shape)}")
-    resolve_backend("attention_nce", backend, maps.device)
-    return ref.attention_nce_ref(maps, token_groups, prev_maps=prev_maps, temperature=temperature,
-                                 softmax_normalize=softmax_normalize, smoothing=smoothing, loss=loss)
+    if smoothing is not None:
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+            raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
+        if kernel_size > min(maps.shape[-3], maps.shape[-2]) + 2:
+            raise ValueError(f"kernel_size {kernel_size} is larger than the reflect-padded maps "
+                             f"({maps.shape[-3] + 2}x{maps.shape[-2] + 2} for maps of shape {tuple(maps.shape)})")
+        sigma = V.check_positive_scalar("sigma", sigma)
+    if not isinstance(softmax_normalize, bool) or not isinstance(softmax_normalize_attention_maps, bool):
+        raise TypeError("softmax_normalize and softmax_normalize_attention_maps must be bools")
+    name = resolve_backend("attention_nce", backend, maps.device)
+    if name == "torch" or maps.dtype == torch.float64:
+        return ref.attention_nce_ref(maps, token_groups, prev_maps=prev_maps, temperature=temperature,
+                                     softmax_normalize=softmax_normalize, smoothing=smoothing,
+                                     kernel_size=kernel_size, sigma=sigma,
+                                     softmax_normalize_attention_maps=softmax_normalize_attention_maps, loss=loss)
+    return attention_nce_core(name, maps, token_groups, prev_maps, float(temperature), softmax_normalize, smoothing,
+                              kernel_size, float(sigma), softmax_normalize_attention_maps, loss)

@@ -11,7 +11,7 @@ from .infonce import info_nce_ref
 
 
 def smoothing_kernel(kind: str | None, *, size: int = 3, sigma: float = 0.5, dtype=torch.float32, device=None):
-    """The 2-D 3x3 smoothing kernel.  ``"conform"``: the official (Attend-and-Excite) kernel
+    """The 2-D ``size`` x ``size`` smoothing kernel (sum 1).  ``"conform"``: the official (Attend-and-Excite) kernel
     ``prod_d exp(-((x - mu) / (2 sigma))^2)`` normalised to sum 1 (1-D ~ [0.212, 0.576, 0.212]);
     ``"gaussian"``: a true Gaussian ``exp(-(x - mu)^2 / (2 sigma^2))``; ``None``: no smoothing."""
     if kind is None:
@@ -28,17 +28,24 @@ def smoothing_kernel(kind: str | None, *, size: int = 3, sigma: float = 0.5, dty
     return (k2 / k2.sum()).to(dtype=dtype, device=device)
 
 
-def _token_maps(maps: torch.Tensor, tokens: Sequence[int], softmax_normalize: bool, smoothing) -> torch.Tensor:
-    """(H, W, 77) -> (len(tokens), H*W): slice tokens 1..75, optional softmax, smooth, flatten."""
+def _token_maps(maps: torch.Tensor, tokens: Sequence[int], softmax_normalize: bool, smoothing, kernel_size: int = 3,
+                sigma: float = 0.5, softmax_normalize_attention_maps: bool = False) -> torch.Tensor:
+    """(H, W, T) -> (len(tokens), H'*W'): slice tokens 1..T-2, optional softmax over tokens of 100 A, smooth, flatten,
+    optional softmax over positions of 100 x.  As the official code the smoothing reflect-pads by 1 whatever the
+    kernel size, so H' = H + 3 - kernel_size (H for the default 3); everything is computed on copies (the official
+    code scales the cached previous maps in place)."""
     a = maps[:, :, 1:-1]
     if softmax_normalize:
         a = torch.softmax(a * 100.0, dim=-1)
     idx = torch.as_tensor([t - 1 for t in tokens], device=maps.device)
     sel = a.index_select(-1, idx).permute(2, 0, 1)[:, None]            # (T, 1, H, W)
-    kernel = smoothing_kernel(smoothing, dtype=maps.dtype, device=maps.device)
+    kernel = smoothing_kernel(smoothing, size=kernel_size, sigma=sigma, dtype=maps.dtype, device=maps.device)
     if kernel is not None:
         sel = F.conv2d(F.pad(sel, (1, 1, 1, 1), mode="reflect"), kernel[None, None])
-    return sel.flatten(1)
+    sel = sel.flatten(1)
+    if softmax_normalize_attention_maps:
+        sel = torch.softmax(sel * 100.0, dim=-1)
+    return sel
 
 
 def _pml_contrastive(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -58,25 +65,44 @@ def _pml_contrastive(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return avg_nonzero(pos_l) + avg_nonzero(neg_l)
 
 
-def attention_nce_ref(maps: torch.Tensor, token_groups: Sequence[Sequence[int]], *, prev_maps=None,
+def per_prompt_groups(token_groups, batch: int):
+    """Per-prompt token groups: ``token_groups`` shared by all prompts ([[2, 3], [6, 7]]) or one list per prompt
+    ([[[2, 3], [6, 7]], [[2], [5]]]); returns a list of ``batch`` group lists."""
+    if token_groups and token_groups[0] and isinstance(token_groups[0][0], (list, tuple)):
+        return [list(map(list, g)) for g in token_groups]
+    return [list(map(list, token_groups))] * batch
+
+
+def attention_nce_ref(maps: torch.Tensor, token_groups, *, prev_maps=None,
                       temperature: float = 0.5, softmax_normalize: bool = False, smoothing: str | None = "conform",
+                      kernel_size: int = 3, sigma: float = 0.5, softmax_normalize_attention_maps: bool = False,
                       loss: str = "ntxent") -> torch.Tensor:
     """CONFORM: maps (H, W, 77) -> scalar, or (B, H, W, 77) -> (B,).
 
     Every token of ``token_groups`` (1-based prompt indices counting the start token) gives one
     embedding (its smoothed map), labelled by its group; ``prev_maps`` (same shape, no gradient)
-    add one more embedding per token with the same label.  Loss: PML NT-Xent with cosine
-    similarity (``"ntxent"``) or PML's contrastive loss (``"contrastive"``)."""
+    add one more embedding per token with the same label.  For (B, H, W, 77) maps ``token_groups`` is either
+    shared by every prompt or a list of B group lists.  Loss: PML NT-Xent with cosine similarity
+    (``"ntxent"``), PML's contrastive loss (``"contrastive"``), or ``"ntxent_contrastive"`` (the official
+    switch: NT-Xent when the first group has more than one token, else the contrastive loss).
+    ``kernel_size`` / ``sigma``: of the smoothing (official: the map is reflect-padded by 1 for any size);
+    ``softmax_normalize_attention_maps``: softmax over positions of 100 x each smoothed map (official option)."""
     if maps.dim() == 4:
-        outs = [attention_nce_ref(maps[b], token_groups, prev_maps=None if prev_maps is None else prev_maps[b],
+        groups = per_prompt_groups(token_groups, maps.shape[0])
+        outs = [attention_nce_ref(maps[b], groups[b], prev_maps=None if prev_maps is None else prev_maps[b],
                                   temperature=temperature, softmax_normalize=softmax_normalize,
-                                  smoothing=smoothing, loss=loss) for b in range(maps.shape[0])]
+                                  smoothing=smoothing, kernel_size=kernel_size, sigma=sigma,
+                                  softmax_normalize_attention_maps=softmax_normalize_attention_maps, loss=loss)
+                for b in range(maps.shape[0])]
         return torch.stack(outs)
+    if loss == "ntxent_contrastive":
+        loss = "ntxent" if len(token_groups[0]) > 1 else "contrastive"
     tokens = [t for g in token_groups for t in g]
     labels = torch.as_tensor([gi for gi, g in enumerate(token_groups) for _ in g], device=maps.device)
-    emb = _token_maps(maps, tokens, softmax_normalize, smoothing)
+    opts = (softmax_normalize, smoothing, kernel_size, sigma, softmax_normalize_attention_maps)
+    emb = _token_maps(maps, tokens, *opts)
     if prev_maps is not None:
-        emb = torch.cat([emb, _token_maps(prev_maps.detach(), tokens, softmax_normalize, smoothing)], 0)
+        emb = torch.cat([emb, _token_maps(prev_maps.detach(), tokens, *opts)], 0)
         labels = torch.cat([labels, labels])
     if loss == "contrastive":
         return _pml_contrastive(emb, labels)
