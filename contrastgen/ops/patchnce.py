@@ -97,12 +97,14 @@ def _backward(ctx, grad_loss, grad_lse, grad_gq, grad_dtl):
     lse, gq, dtl = saved[ctx.n_q + ctx.n_k:ctx.n_q + ctx.n_k + 3]
     temperature_t = saved[-1] if has_t else None
     grad_loss = grad_loss.contiguous()
-    dq_list = dk_list = dt = None
+    dq_list, dk_list, dt = [None] * ctx.n_q, [None] * ctx.n_k, None   # list inputs take lists of gradients
     if need_dq or need_dk:
         dq, dk = patchnce_bwd(grad_loss, q, k, groups, temperature, temperature_t, mean_layers, lse, gq, need_dq,
                               need_dk, backend)
-        dq_list = _split(dq, ctx.shapes) if need_dq else None
-        dk_list = _split(dk, ctx.shapes) if need_dk else None
+        if need_dq:
+            dq_list = _split(dq, ctx.shapes)
+        if need_dk:
+            dk_list = _split(dk, ctx.shapes)
     if need_dt:
         tau = temperature_t.reshape(()).to(dtl.dtype)
         g = grad_loss.to(dtl.dtype)
