@@ -1,4 +1,5 @@
-"""``contrastgen`` command line: ``contrastgen bench ...``, ``contrastgen demo NAME ...`` and ``contrastgen conform ...``.
+"""``contrastgen`` command line: ``contrastgen bench ...``, ``contrastgen demo NAME ...`` and ``contrastgen conform ...``
+(and ``contrastgen edit ...``).
 
 The benchmark harness lives in the repository's ``benches/`` folder (next to this package in a
 source checkout / editable install); each subcommand forwards its remaining arguments."""
@@ -9,7 +10,8 @@ import importlib
 import sys
 from pathlib import Path
 
-DEMOS = {"dispersive": "contrastgen.methods.dispersive_demo", "conform": "contrastgen.methods.conform_demo"}
+DEMOS = {"dispersive": "contrastgen.methods.dispersive_demo", "conform": "contrastgen.methods.conform_demo",
+         "i2i": "contrastgen.methods.i2i_demo", "edit": "contrastgen.methods.i2i_demo"}
 
 
 def _bench(argv):
@@ -25,8 +27,9 @@ def _bench(argv):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="contrastgen", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["bench", "demo", "conform"],
-                        help="bench: benchmark every op; demo NAME: run a demo; conform: CONFORM text-to-image")
+    parser.add_argument("command", choices=["bench", "demo", "conform", "edit"],
+                        help="bench: benchmark every op; demo NAME: run a demo; conform: CONFORM text-to-image; "
+                             "edit: contrastive-guided image-to-image editing")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         print("\ndemos:", ", ".join(DEMOS))
@@ -37,6 +40,9 @@ def main(argv=None):
     if cmd == "conform":
         from .methods.conform import cli_main
         return cli_main(rest)
+    if cmd == "edit":
+        from .methods.i2i import cli_main as edit_main
+        return edit_main(rest)
     if cmd == "demo":
         if not rest or rest[0] not in DEMOS:
             parser.error(f"demo needs one of: {', '.join(DEMOS)}")

@@ -364,12 +364,14 @@ class GuidanceLosses:
 def guidance_losses(feats: Dict[str, Tensor], maps: Dict[str, Tensor], reference: ReferenceStep, *,
                     nce_weight: float, attention_weight: float, temperature: float = 0.07, backend=None,
                     fused: bool = True) -> GuidanceLosses:
-    """``nce_weight * mean_layers PatchNCE + attention_weight * sum_layers attention_loss``.  ``fused=True``: every
-    PatchNCE layer in one :func:`contrastgen.patch_nce` call (``reduction="none"``); ``fused=False``: the
-    float reference :func:`contrastgen.reference.patch_nce_ref` layer by layer (the baseline)."""
-    total = None
+    """Per-layer PatchNCE over ``feats`` and attention losses over ``maps`` (each computed when given, so that a
+    zero-weight term is still recorded) and the total ``nce_weight * mean_layers PatchNCE + attention_weight *
+    sum_layers attention_loss`` (zero-weight terms left out).  ``fused=True``: every PatchNCE layer in one
+    :func:`contrastgen.patch_nce` call (``reduction="none"``); ``fused=False``: the reference
+    :func:`contrastgen.reference.patch_nce_ref` layer by layer (the baseline)."""
     nce = attn = None
-    if nce_weight and feats:
+    terms = []
+    if feats:
         names = list(feats)
         qs = [sample_patches(feats[n], reference.ids[n].to(feats[n].device)) for n in names]
         ks = [reference.patches[n].to(qs[i].device) for i, n in enumerate(names)]
@@ -377,12 +379,15 @@ def guidance_losses(feats: Dict[str, Tensor], maps: Dict[str, Tensor], reference
             nce = patch_nce(qs, ks, temperature=temperature, reduction="none", backend=backend)
         else:
             nce = torch.stack([patch_nce_ref([q], [k], temperature=temperature) for q, k in zip(qs, ks)])
-        total = nce_weight * nce.mean()
-    if attention_weight and maps:
+        if nce_weight:
+            terms.append(nce_weight * nce.mean())
+    if maps:
         attn = torch.stack([attention_loss(m, reference.maps[a]) for a, m in maps.items()])
-        total = attention_weight * attn.sum() if total is None else total + attention_weight * attn.sum()
-    if total is None:
-        raise ValueError("nothing to guide with: nce_weight and attention_weight are both 0")
+        if attention_weight:
+            terms.append(attention_weight * attn.sum())
+    if not terms:
+        raise ValueError("nothing to guide with: nce_weight and attention_weight are both 0 (or no layers)")
+    total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
     return GuidanceLosses(nce, attn, total)
 
 
@@ -412,10 +417,6 @@ def guidance_gradient(capture, latents: Tensor, timestep, encoder_hidden_states:
     with torch.enable_grad(), _FrozenParams(capture.unet):
         z = latents.detach().requires_grad_(True)
         feats, maps, _ = capture.run(z, timestep, encoder_hidden_states, early_exit=early_exit, **(unet_kwargs or {}))
-        if not nce_weight:
-            feats = {}
-        if not attention_weight:
-            maps = {}
         losses = guidance_losses(feats, maps, reference, nce_weight=nce_weight, attention_weight=attention_weight,
                                  temperature=temperature, backend=backend, fused=fused)
         (grad,) = torch.autograd.grad(losses.total, z)
@@ -933,8 +934,8 @@ class ContrastiveEditPipeline(StableDiffusionPipeline):
                              f" (cached: reference={inversion.settings['reference']!r}, steps "
                              f"{inversion.settings['cache_steps'][:8]}...); invert with cache_steps covering them")
 
-        capture = GuidanceCapture(self.unet, nce_layers if nce_weight else [],
-                                  attention_layers if attention_weight else [])
+        # both losses are always computed (and recorded); a zero-weight term only leaves the total
+        capture = GuidanceCapture(self.unet, nce_layers, attention_layers)
         loss_kw = dict(nce_weight=nce_weight, attention_weight=attention_weight, temperature=nce_temperature,
                        backend=backend)
         latents = inversion.latents.clone()
@@ -950,8 +951,8 @@ class ContrastiveEditPipeline(StableDiffusionPipeline):
                     latents = (latents - float(etas[i]) * grad).to(latents.dtype)
                 elif record_losses:
                     feats, maps, _ = capture.run(latents, t, guide_embeds, early_exit=early_exit, **unet_kw)
-                    step_loss = guidance_losses(feats if nce_weight else {}, maps if attention_weight else {},
-                                                inversion.references[i], **loss_kw).detach()
+                    kw = loss_kw if (nce_weight or attention_weight) else {**loss_kw, "nce_weight": 1.0}
+                    step_loss = guidance_losses(feats, maps, inversion.references[i], **kw).detach()
                 losses.append(step_loss)
                 capture.idle()
                 model_in = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
@@ -991,3 +992,130 @@ class ContrastiveEditPipeline(StableDiffusionPipeline):
     def decode_latents_to(self, latents: Tensor, output_type: str = "pil"):
         """Decode latents (e.g. ``inversion.source_latents`` or ``inversion.reconstruction``) to images."""
         return self._decode(latents, output_type)[0]
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def side_by_side(images: Sequence, labels: Optional[Sequence[str]] = None, *, cell: Optional[int] = None, gap: int = 4):
+    """One PIL image: ``images`` (PIL / (H, W, 3) arrays in [0, 1] or uint8) in a row, optional labels on top."""
+    from PIL import Image, ImageDraw
+
+    pils = []
+    for im in images:
+        if not isinstance(im, Image.Image):
+            a = np.asarray(im)
+            if a.dtype != np.uint8:
+                a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+            im = Image.fromarray(a)
+        pils.append(im.convert("RGB"))
+    h = cell or max(p.height for p in pils)
+    pils = [p if p.height == h else p.resize((max(1, round(p.width * h / p.height)), h), Image.NEAREST) for p in pils]
+    top = 14 if labels else 0
+    out = Image.new("RGB", (sum(p.width for p in pils) + gap * (len(pils) - 1), h + top), (255, 255, 255))
+    x = 0
+    draw = ImageDraw.Draw(out)
+    for k, p in enumerate(pils):
+        out.paste(p, (x, top))
+        if labels:
+            draw.text((x + 2, 1), str(labels[k]), fill=(0, 0, 0))
+        x += p.width + gap
+    return out
+
+
+def _read_sentences(path: str) -> List[str]:
+    with open(path, encoding="utf-8") as f:
+        lines = [ln.strip() for ln in f]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise ValueError(f"{path} holds no sentence (one per line)")
+    return lines
+
+
+def cli_main(argv=None) -> int:
+    """``contrastgen edit --model PATH --image in.png --source "a cat" --target "a dog" [--steps 50] [--seed 0]
+    --out out.png``: writes the guided edit to ``--out`` and a side-by-side PNG (source | unguided edit | guided
+    edit) next to it (``--side-by-side`` to choose the path)."""
+    import argparse
+    import os
+
+    ap = argparse.ArgumentParser(prog="contrastgen edit", description="Zero-shot image-to-image translation with "
+                                 "contrastive guidance (pix2pix-zeroCon) on local Stable Diffusion weights; nothing "
+                                 "is ever downloaded")
+    ap.add_argument("--model", help="local Stable Diffusion 1.x/2.x folder in diffusers format (with model_index.json)")
+    ap.add_argument("--image", required=True, help="source image (PNG/JPEG); sides must be multiples of 8 unless --size")
+    ap.add_argument("--source", required=True, help="source prompt: a caption of the image, e.g. 'a cat'")
+    ap.add_argument("--target", default=None, help="target prompt, e.g. 'a dog' (direction: target - source)")
+    ap.add_argument("--source-sentences", default=None, help="file of source sentences, one per line (with "
+                    "--target-sentences: the direction is the difference of their mean embeddings)")
+    ap.add_argument("--target-sentences", default=None)
+    ap.add_argument("--source-word", default=None, help="with --target-word: direction from sentence templates")
+    ap.add_argument("--target-word", default=None)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=None, help="resize the image to SIZE x SIZE first (pix2pix-zero: 512)")
+    ap.add_argument("--guidance-scale", type=float, default=5.0)
+    ap.add_argument("--step-size", type=float, default=0.1, help="guidance step size eta (pix2pix-zero: 0.1)")
+    ap.add_argument("--nce-weight", type=float, default=1.0)
+    ap.add_argument("--attention-weight", type=float, default=1.0)
+    ap.add_argument("--reference", choices=["reconstruction", "inversion"], default="reconstruction")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                    help="default: float16 on CUDA, float32 on CPU")
+    ap.add_argument("--out", default="edit.png", help="the guided edit")
+    ap.add_argument("--side-by-side", default=None, help="default: <out>_side.png")
+    a = ap.parse_args(argv)
+    if not a.model:
+        ap.error("no model given: pass --model PATH, a local Stable Diffusion 1.x/2.x folder in diffusers format "
+                 "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/); nothing is downloaded")
+    if not os.path.isfile(os.path.join(a.model, "model_index.json")):
+        ap.error(f"--model {a.model!r} is not a local diffusers pipeline folder (no model_index.json there); pass the "
+                 "folder of a Stable Diffusion 1.x/2.x checkpoint saved with save_pretrained (nothing is downloaded)")
+    if not os.path.isfile(a.image):
+        ap.error(f"--image {a.image!r}: no such file")
+    if not a.source.strip():
+        ap.error("--source must be a caption of the image, e.g. 'a cat'")
+    if (a.source_sentences is None) != (a.target_sentences is None):
+        ap.error("pass both --source-sentences and --target-sentences, or neither")
+    if (a.source_word is None) != (a.target_word is None):
+        ap.error("pass both --source-word and --target-word, or neither")
+    if a.target is None and a.source_sentences is None and a.source_word is None:
+        ap.error("no edit given: pass --target 'a dog' (or --source-sentences/--target-sentences, or "
+                 "--source-word/--target-word)")
+    from PIL import Image
+
+    img = Image.open(a.image).convert("RGB")
+    if a.size:
+        img = img.resize((a.size, a.size), Image.LANCZOS)
+    elif img.width % 8 or img.height % 8:
+        ap.error(f"--image is {img.width}x{img.height}: both sides must be multiples of 8; pass --size 512 to resize")
+    kw = {}
+    try:
+        if a.source_sentences:
+            kw = dict(source_sentences=_read_sentences(a.source_sentences),
+                      target_sentences=_read_sentences(a.target_sentences))
+        elif a.source_word:
+            kw = dict(source_word=a.source_word, target_word=a.target_word)
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.float16 if a.device.startswith("cuda") else torch.float32)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import diffusers
+    dkey = "dtype" if tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 37) else "torch_dtype"
+    pipe = ContrastiveEditPipeline.from_pretrained(a.model, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False, **{dkey: dtype}).to(a.device)
+    pipe.set_progress_bar_config(disable=False)
+    gen = torch.Generator(device="cpu").manual_seed(a.seed)
+    print(f"inverting {a.image} ({img.width}x{img.height}) with {a.source!r}, {a.steps} DDIM steps ...")
+    inv = pipe.invert(img, a.source, num_inference_steps=a.steps, generator=gen, reference=a.reference)
+    direction = pipe.edit_direction(a.source, a.target, **kw)
+    common = dict(inversion=inv, edit_direction=direction, num_inference_steps=a.steps,
+                  guidance_scale=a.guidance_scale)
+    print("unguided edit (edit direction only) ...")
+    unguided = pipe(**common, guided=False).images[0]
+    print("guided edit (PatchNCE + cross-attention guidance) ...")
+    guided = pipe(**common, guided=True, guidance_step_size=a.step_size, nce_weight=a.nce_weight,
+                  attention_weight=a.attention_weight).images[0]
+    guided.save(a.out)
+    side = a.side_by_side or (os.path.splitext(a.out)[0] + "_side.png")
+    side_by_side([img, unguided, guided], ["source", "unguided", "guided"]).save(side)
+    print(f"wrote {a.out} and {side}")
+    return 0
