@@ -79,16 +79,16 @@ def test_inversion_exact_when_the_noise_does_not_depend_on_the_latent(pipe):
 
 def test_fixed_point_inversion_reconstructs_the_source_latent(pipe):
     # The random UNet is far from smooth in x (eps changes by ~0.37 std when x moves by O(1)), so plain DDIM
-    # inversion's eps(x_{t-1}, t) ~ eps(x_t, t) is poor: at 50 steps the plain reconstruction is ~100% off.  With
-    # fixed-point refinement of each step the error falls: measured 1.03 / 0.31 / 0.024 / 5.3e-4 relative for
-    # 0 / 1 / 3 / 6 iterations.  Bounds: 6 iterations < 5e-3, each tested count below the previous one.
+    # inversion's eps(x_{t-1}, t) ~ eps(x_t, t) is poor: at 30 steps the plain reconstruction is ~100% off.  With
+    # fixed-point refinement of each step the error falls: measured 1.12 / 0.25 / 0.018 relative for 0 / 2 / 5
+    # iterations (50 steps, 6 iterations: 5.3e-4).  Bounds: 5 iterations < 0.05, each count below the previous.
     z0 = _z0()
     errs = []
-    for k in (0, 1, 3, 6):
-        inv = pipe.invert(source_latents=z0, source_prompt="a cat", num_inference_steps=50, reference=None,
+    for k in (0, 2, 5):
+        inv = pipe.invert(source_latents=z0, source_prompt="a cat", num_inference_steps=30, reference=None,
                           fixed_point_iterations=k, **NO_REG)
         errs.append(_rel(pipe.reconstruct(inv), z0))
-    assert errs[-1] < 5e-3, errs
+    assert errs[-1] < 0.05, errs
     assert all(b < a for a, b in zip(errs, errs[1:])), errs
     assert inv.latents.shape == z0.shape
 

@@ -44,6 +44,10 @@ from .i2i import ContrastiveEditPipeline, side_by_side
 
 
 # ------------------------------------------------------------------------------------------------- model
+def _quiet(*args, **kwargs):
+    pass
+
+
 def pixel_shuffle_autoencoder(factor: int = 2):
     """A lossless "VAE" with ``encode`` (``pixel_unshuffle``, posterior = a point mass) and ``decode``
     (``pixel_shuffle``): the CONFORM demo's :func:`~contrastgen.methods.conform_demo.pixel_shuffle_vae` plus encode."""
@@ -99,6 +103,7 @@ def as_edit_pipeline(unet, text_encoder, tokenizer, factor: int = 2) -> Contrast
 def train_model(train_steps: int, batch: int, width: int, seed: int, log=print, cache: Optional[str] = None):
     """(unet, text_encoder, tokenizer, seconds, loss curve): the CONFORM demo's model trained on every pairing;
     ``cache``: a .pt file to load the weights from if it exists (and the settings match), else to save them to."""
+    log = log or _quiet
     tok = CD.word_tokenizer(CD.WORDS)
     unet, text = CD.build_text_to_image(tok, width=width, seed=seed)
     key = dict(train_steps=train_steps, batch=batch, width=width, seed=seed)
@@ -114,7 +119,8 @@ def train_model(train_steps: int, batch: int, width: int, seed: int, log=print, 
     log(f"training the tiny text-to-image model ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M UNet "
         f"parameters) for {train_steps} steps of {batch} scenes (every pairing)")
     t0 = time.perf_counter()
-    curve = CD.train_text_to_image(unet, text, tok, CD.all_pairs(), steps=train_steps, batch=batch, seed=seed, log=log)
+    curve = CD.train_text_to_image(unet, text, tok, CD.all_pairs(), steps=train_steps, batch=batch, seed=seed,
+                                   log=None if log is _quiet else log)
     seconds = time.perf_counter() - t0
     if cache:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
@@ -271,6 +277,7 @@ def run(out_dir, *, train_steps: int = 1200, batch: int = 32, width: int = 32, s
         strong_step_size: Optional[float] = None, fixed_point_iterations: int = 0, seed: int = 0,
         model_cache: Optional[str] = None, log=print) -> dict:
     """Train (or load), edit, score, write the grid PNG and results.json; returns the JSON dict."""
+    log = log or _quiet
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
