@@ -130,6 +130,7 @@ def main(argv=None) -> int:
         platform=platform.platform(), threads=threads, load_avg_start=load0, load_avg_end=load_average(),
         config=config, unet=CONFIGS[config]["unet"], latent=CONFIGS[config]["latent"], dtype=str(dtype),
         nce_layers=nce_layers, attention_layers=len(attn_layers), num_patches=256, timestep=int(t),
+        reference_cache_mib_per_step=ref.nbytes() / 2**20,
         memory_method=CUDA_MEMORY_METHOD if device == "cuda" else CPU_MEMORY_METHOD, rows=rows,
         gradient_rel_diff=agree)
     out = a.out or os.path.join(ROOT, "benches", "results", f"i2i_step_{'cuda' if device == 'cuda' else 'cpu'}_"
