@@ -214,7 +214,7 @@ def edit_success(img: np.ndarray, job: dict) -> Dict[str, bool]:
 
 def run_edits(pipe: ContrastiveEditPipeline, jobs: Sequence[dict], *, steps: int = 50, guidance_scale: float = 5.0,
               settings: Optional[Dict[str, dict]] = None, size: int = 32, fixed_point_iterations: int = 0,
-              reference: str = "reconstruction", seed: int = 0, log=print):
+              reference: str = "reconstruction", regularize: bool = False, seed: int = 0, log=print):
     """Run every job with each named setting (``{"unguided": dict(guided=False), "guided": dict(...)}``); returns
     per-setting lists of images (H, W, 3) in [0, 1] and per-job records (scores, losses, timings)."""
     settings = settings or {"unguided": dict(guided=False), "guided": dict(guided=True)}
@@ -226,7 +226,8 @@ def run_edits(pipe: ContrastiveEditPipeline, jobs: Sequence[dict], *, steps: int
         gen = torch.Generator().manual_seed(seed + j)
         t0 = time.perf_counter()
         inv = pipe.invert(src01[None], CD.caption(job["pair"]), num_inference_steps=steps, generator=gen,
-                          reference=reference, fixed_point_iterations=fixed_point_iterations)
+                          reference=reference, fixed_point_iterations=fixed_point_iterations,
+                          **({} if regularize else dict(lambda_ac=0.0, lambda_kl=0.0)))
         t_inv = time.perf_counter() - t0
         s_sent, t_sent = sentence_sets(job)
         direction = pipe.edit_direction(source_sentences=s_sent, target_sentences=t_sent)
