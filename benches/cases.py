@@ -315,6 +315,15 @@ def make_attention_nce(s, dtype, device):
     return Inputs((maps, [[2, 3], [6, 7]]), {"prev_maps": prev, "temperature": 0.5}, [maps])
 
 
+def make_attention_nce_pipeline(s, dtype, device):
+    """The ConformPipeline's call: token softmax (official __call__ default), previous maps, two groups of two."""
+    b, h = s["B"], s["H"]
+    g = torch.Generator().manual_seed(2)
+    maps = torch.softmax(torch.randn(b, h, h, 77, generator=g) * 3, -1).to(device=device, dtype=dtype).requires_grad_(True)
+    prev = torch.softmax(torch.randn(b, h, h, 77, generator=g) * 3, -1).to(device=device, dtype=dtype)
+    return Inputs((maps, [[2, 3], [6, 7]]), {"prev_maps": prev, "temperature": 0.5, "softmax_normalize": True}, [maps])
+
+
 # --------------------------------------------------------------------------- FLOPs / bytes / dense memory
 def _infonce_flops(s, mode):
     n, d = s["N"], s["D"]
@@ -440,6 +449,12 @@ def _specs() -> List[OpSpec]:
                {"quick": [{"B": 1, "H": 16}, {"B": 4, "H": 16}],
                 "cpu": [{"B": b, "H": 16} for b in (1, 8)],
                 "cuda": [{"B": b, "H": 16} for b in (1, 8)]},
+               {"B": 2, "H": 8}, "B"),
+        OpSpec("attention_nce/pipeline", "attention_nce", "attention_nce", make_attention_nce_pipeline,
+               R.attention_nce_ref,
+               {"quick": [{"B": 1, "H": 16}, {"B": 8, "H": 16}],
+                "cpu": [{"B": b, "H": 16} for b in (1, 8, 32)],
+                "cuda": [{"B": b, "H": 16} for b in (1, 8, 64)]},
                {"B": 2, "H": 8}, "B"),
     ]
     return specs

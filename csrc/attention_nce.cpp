@@ -5,7 +5,8 @@
 //   forward  : X = token values (optionally softmax over tokens of 100 A), Xs = separable smoothing of X
 //              (reflect-padded by PAD, kernel size KS), E = Xs or its softmax over positions (stats M, L saved),
 //              U = E^T E (N x N), loss from U (NT-Xent, PML convention, or the contrastive loss).
-//              Saved for the backward: X (B x HW x N), U and the spatial-softmax stats, in the input dtype.
+//              Saved for the backward: X (B x HW x N), U and the spatial-softmax stats, in the input dtype, and
+//              with the token softmax its output y (B x HW x T), so that the backward computes no exp.
 //   backward : dL/dU (N x N) from U, dE = E (G + G^T), through the spatial softmax, dX = S^T dXs, through the
 //              token softmax (y recomputed from A) into dA (B x H x W x T, zeros outside the selected tokens).
 // Columns 0..KP-1 are the prompt's tokens (label -1: padding), KP..2KP-1 the previous-step maps (no gradient).
@@ -17,6 +18,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <stdexcept>
 #include <vector>
@@ -35,29 +38,156 @@ struct Shape {
   double tau;
 };
 
+// exp for the token softmax of float maps: Cephes-style polynomial (rel. error ~2 ulp), branch-free so that the
+// per-pixel loops over the 75 token channels vectorise; NaN propagates; x < -87 returns ~1e-38 (the softmax
+// denominator is >= 1, so this is far below float resolution).  Double maps use std::exp.
+inline float fexp(float x) {
+  x = std::max(x, -87.0f);
+  float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = ((int32_t)fx + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// softmax over tokens 1..T-2 of 100 a (one pixel): writes the max m and the sum l; y_c = texp(100 a_c - m) / l
+template <typename T> inline double texp(double x) { return std::exp(x); }
+template <> inline double texp<float>(double x) { return (double)fexp((float)x); }
+
+template <typename T>
+inline void softmax_stats(const T* a, int Tn, double& m_out, double& l_out) {
+  if constexpr (std::is_same<T, float>::value) {
+    float m = -std::numeric_limits<float>::infinity();
+    bool nan = false;
+    for (int c = 1; c < Tn - 1; ++c) { m = std::max(m, 100.0f * a[c]); nan |= a[c] != a[c]; }
+    double l = 0.0;
+#pragma omp simd reduction(+ : l)
+    for (int c = 1; c < Tn - 1; ++c) l += (double)fexp(100.0f * a[c] - m);
+    m_out = nan ? std::numeric_limits<double>::quiet_NaN() : (double)m;
+    l_out = l;
+  } else {
+    double m = -std::numeric_limits<double>::infinity();
+    bool nan = false;
+    for (int c = 1; c < Tn - 1; ++c) { m = std::max(m, 100.0 * (double)a[c]); nan |= a[c] != a[c]; }
+    double l = 0.0;
+    for (int c = 1; c < Tn - 1; ++c) l += std::exp(100.0 * (double)a[c] - m);
+    m_out = nan ? std::numeric_limits<double>::quiet_NaN() : m;
+    l_out = l;
+  }
+}
+
+// 16 float lanes (GCC vector extensions; AVX-512 with -march=native): the scalar fexp above does not vectorise
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+inline v16f vexp16(v16f x) {
+  const v16f lo = v16f{} - 87.0f;
+  x = x < lo ? lo : x;                                   // NaN compares false: stays NaN
+  const v16f t = x * 1.44269504088896341f + 0.5f;
+  v16f fx = __builtin_convertvector(__builtin_convertvector(t, v16i), v16f);
+  fx = fx > t ? fx - 1.0f : fx;                          // floor
+  const v16f r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  v16f p = v16f{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const v16i bits = (__builtin_convertvector(fx, v16i) + 127) << 23;
+  v16f scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// y = softmax over tokens 1..T-2 of 100 a (one pixel, 0 at the first and last channel): one exp per channel.
+// float: the row is copied into a padded buffer of whole 16-lane vectors (padding lanes: -1e30 -> exp ~1e-38,
+// far below the sum's resolution since the sum is >= 1); max, exp, sum and scaling all in vectors.
+template <typename T>
+inline void softmax_row(const T* a, int Tn, T* y) {
+  const int n = Tn - 2;
+  if constexpr (std::is_same<T, float>::value) {
+    constexpr int MAXC = 256;   // channels handled in vectors; longer rows take the scalar path below
+    if (n <= MAXC) {
+      alignas(64) float buf[MAXC];
+      const int nv = (n + 15) / 16;
+      std::memcpy(buf, a + 1, sizeof(float) * n);
+      for (int k = n; k < nv * 16; ++k) buf[k] = -1e30f;
+      v16f vm = v16f{} - std::numeric_limits<float>::infinity();
+      v16i bad = v16i{};
+      for (int c = 0; c < nv; ++c) {
+        v16f v;
+        std::memcpy(&v, buf + 16 * c, sizeof(v));
+        bad |= (v != v);
+        vm = v > vm ? v : vm;
+      }
+      float m = vm[0];
+      int anybad = 0;
+      for (int k = 0; k < 16; ++k) { m = std::max(m, vm[k]); anybad |= bad[k]; }
+      m *= 100.0f;
+      v16f vs = v16f{};
+      for (int c = 0; c < nv; ++c) {
+        v16f v;
+        std::memcpy(&v, buf + 16 * c, sizeof(v));
+        v = vexp16(v * 100.0f - m);
+        vs += v;
+        std::memcpy(buf + 16 * c, &v, sizeof(v));
+      }
+      double l = 0.0;
+      for (int k = 0; k < 16; ++k) l += (double)vs[k];
+      const float inv = (anybad || !std::isfinite(m) || !std::isfinite(l)) ? std::numeric_limits<float>::quiet_NaN()
+                                                                          : (float)(1.0 / l);
+      for (int c = 0; c < nv; ++c) {
+        v16f v;
+        std::memcpy(&v, buf + 16 * c, sizeof(v));
+        v *= inv;
+        std::memcpy(buf + 16 * c, &v, sizeof(v));
+      }
+      std::memcpy(y + 1, buf, sizeof(float) * n);
+      y[0] = 0; y[Tn - 1] = 0;
+      return;
+    }
+  }
+  T m = -std::numeric_limits<T>::infinity();
+  bool nan = false;
+  for (int c = 1; c < Tn - 1; ++c) { m = std::max(m, (T)100 * a[c]); nan |= a[c] != a[c]; }
+  double l = 0.0;
+  for (int c = 1; c < Tn - 1; ++c) { y[c] = (T)texp<T>(100.0 * (double)a[c] - (double)m); l += (double)y[c]; }
+  const T inv = (nan || !std::isfinite((double)m) || !std::isfinite(l)) ? std::numeric_limits<T>::quiet_NaN() : (T)(1.0 / l);
+  y[0] = 0; y[Tn - 1] = 0;
+  for (int c = 1; c < Tn - 1; ++c) y[c] *= inv;
+}
+
 inline int reflect(int r, int n) {
   if (r < 0) r = -r;
   if (r > n - 1) r = 2 * (n - 1) - r;
   return r;
 }
 
-// token values of one prompt's maps A (HW x T) into X[:, col0 : col0 + KP] (HW x N, row-major)
+// token values of one prompt's maps A (HW x T) into X[:, col0 : col0 + KP] (HW x N, row-major); with Y != nullptr
+// (token softmax only) also the whole softmax y (HW x T, 0 at the first and last channel), saved for the backward
 template <typename T>
-void token_values(const T* A, const int32_t* tok, const int32_t* lab, const Shape& s, int col0, double* X) {
+void token_values(const T* A, const int32_t* tok, const int32_t* lab, const Shape& s, int col0, double* X,
+                  T* Y = nullptr) {
   const int HW = s.H * s.W;
+  std::vector<T> row(s.softmax && !Y ? s.T : 0);
   for (int p = 0; p < HW; ++p) {
     const T* a = A + (int64_t)p * s.T;
     double* x = X + (int64_t)p * s.N + col0;
     if (s.softmax) {
-      double m = -std::numeric_limits<double>::infinity();
-      for (int c = 1; c < s.T - 1; ++c) m = std::max(m, 100.0 * (double)a[c]);
-      double l = 0.0;
-      for (int c = 1; c < s.T - 1; ++c) l += std::exp(100.0 * (double)a[c] - m);
-      for (int k = 0; k < s.KP; ++k) x[k] = lab[k] >= 0 ? std::exp(100.0 * (double)a[tok[k]] - m) / l : 0.0;
-      if (!std::isfinite(m) || !std::isfinite(l))   // NaN / Inf anywhere in the row: NaN row, as torch.softmax
-        for (int k = 0; k < s.KP; ++k) if (lab[k] >= 0) x[k] = std::numeric_limits<double>::quiet_NaN();
+      T* y = Y ? Y + (int64_t)p * s.T : row.data();
+      softmax_row(a, s.T, y);
+      for (int k = 0; k < s.KP; ++k) x[k] = (double)y[tok[k]];
     } else {
-      for (int k = 0; k < s.KP; ++k) x[k] = lab[k] >= 0 ? (double)a[tok[k]] : 0.0;
+      for (int k = 0; k < s.KP; ++k) x[k] = (double)a[tok[k]];
     }
   }
 }
@@ -228,85 +358,123 @@ void spatial_fwd(double* E, const Shape& s, double* M, double* L) {
   }
 }
 
+// The valid token slots of prompt b, compacted: tokens / labels of length Kv and a Shape with KP = Kv, N = Kv (x2).
+// All the loops run over these Kv (x2) columns only; xbuf / gram / stats keep the full (KP-padded) layout of the
+// Triton kernel (column c of the compact layout is column full_col(c) of the padded one).
+struct Compact {
+  std::vector<int32_t> tok, lab;
+  Shape s;
+  int full_col(int c) const { return c < s.KP ? c : full_kp + (c - s.KP); }
+  int full_kp;
+};
+
+Compact compact(const int32_t* tok, const int32_t* lab, const Shape& s) {
+  Compact c;
+  for (int k = 0; k < s.KP; ++k)
+    if (lab[k] >= 0) { c.tok.push_back(tok[k]); c.lab.push_back(lab[k]); }
+  c.s = s;
+  c.s.KP = (int)c.tok.size();
+  c.s.N = c.s.KP * (s.has_prev ? 2 : 1);
+  c.full_kp = s.KP;
+  return c;
+}
+
 template <typename T>
-void fwd_impl(const Arrays<T>& a, const Shape& s, T* loss, T* xbuf, T* gram, T* stats) {
-  const int HW = s.H * s.W, N = s.N;
-  const int64_t HWo = (int64_t)s.Ho * s.Wo;
+void fwd_impl(const Arrays<T>& a, const Shape& S, T* loss, T* xbuf, T* gram, T* stats, T* ybuf) {
+  const int HW = S.H * S.W, NF = S.N;
+  const int64_t HWo = (int64_t)S.Ho * S.Wo;
 #pragma omp parallel
   {
-    std::vector<double> X((size_t)HW * N), Xs((size_t)HWo * N), tmp, U((size_t)N * N), M(N, 0.0), L(N, 1.0);
+    std::vector<double> X, Xs, tmp, U, M, L;
 #pragma omp for schedule(dynamic, 1)
-    for (int b = 0; b < s.B; ++b) {
-      const int32_t* tok = a.tok + (int64_t)b * s.KP;
-      const int32_t* lab = a.lab + (int64_t)b * s.KP;
-      token_values(a.maps + (int64_t)b * HW * s.T, tok, lab, s, 0, X.data());
-      if (s.has_prev) token_values(a.prev + (int64_t)b * HW * s.T, tok, lab, s, s.KP, X.data());
-      for (size_t i = 0; i < X.size(); ++i) xbuf[(int64_t)b * HW * N + i] = (T)X[i];
+    for (int b = 0; b < S.B; ++b) {
+      const Compact c = compact(a.tok + (int64_t)b * S.KP, a.lab + (int64_t)b * S.KP, S);
+      const Shape& s = c.s;
+      const int N = s.N;
+      X.assign((size_t)HW * N, 0.0); Xs.assign((size_t)HWo * N, 0.0); U.assign((size_t)N * N, 0.0);
+      M.assign(N, 0.0); L.assign(N, 1.0);
+      token_values(a.maps + (int64_t)b * HW * S.T, c.tok.data(), c.lab.data(), s, 0, X.data(),
+                   ybuf ? ybuf + (int64_t)b * HW * S.T : nullptr);
+      if (s.has_prev) token_values(a.prev + (int64_t)b * HW * S.T, c.tok.data(), c.lab.data(), s, s.KP, X.data());
+      T* xb = xbuf + (int64_t)b * HW * NF;
+      std::fill(xb, xb + (int64_t)HW * NF, (T)0);
+      for (int p = 0; p < HW; ++p)
+        for (int k = 0; k < N; ++k) xb[(int64_t)p * NF + c.full_col(k)] = (T)X[(size_t)p * N + k];
       if (s.smooth) smooth_fwd(X.data(), a.w, s, tmp, Xs.data());
       else std::copy(X.begin(), X.end(), Xs.begin());
-      std::fill(M.begin(), M.end(), 0.0); std::fill(L.begin(), L.end(), 1.0);
       if (s.spatial) spatial_fwd(Xs.data(), s, M.data(), L.data());
-      std::fill(U.begin(), U.end(), 0.0);
+      bool bad = false;
       for (int64_t o = 0; o < HWo; ++o) {
         const double* e = &Xs[o * N];
         for (int i = 0; i < N; ++i) {
-          if (e[i] == 0.0) continue;
+          bad |= !std::isfinite(e[i]);
           double* u = &U[(size_t)i * N];
           for (int j = 0; j < N; ++j) u[j] += e[i] * e[j];
         }
       }
-      bool bad = false;
-      for (int64_t o = 0; o < HWo; ++o)
-        for (int i = 0; i < N; ++i) bad |= !std::isfinite(Xs[o * N + i]);
-      for (int i = 0; i < N * N; ++i) gram[(int64_t)b * N * N + i] = (T)U[i];
-      for (int k = 0; k < N; ++k) { stats[(int64_t)b * 2 * N + k] = (T)M[k]; stats[(int64_t)b * 2 * N + N + k] = (T)L[k]; }
+      T* g = gram + (int64_t)b * NF * NF;
+      std::fill(g, g + (int64_t)NF * NF, (T)0);
+      for (int i = 0; i < N; ++i)
+        for (int j = 0; j < N; ++j) g[(int64_t)c.full_col(i) * NF + c.full_col(j)] = (T)U[(size_t)i * N + j];
+      T* st = stats + (int64_t)b * 2 * NF;
+      for (int k = 0; k < NF; ++k) { st[k] = (T)0; st[NF + k] = (T)1; }
+      for (int k = 0; k < N; ++k) { st[c.full_col(k)] = (T)M[k]; st[NF + c.full_col(k)] = (T)L[k]; }
       const int kind = s.loss_mode == 2 ? a.kinds[b] : s.loss_mode;
-      loss[b] = (T)epilogue(U.data(), lab, s, kind, 1.0, nullptr, bad);
+      loss[b] = (T)epilogue(U.data(), c.lab.data(), s, kind, 1.0, nullptr, bad);
     }
   }
 }
 
 template <typename T>
-void bwd_impl(const Arrays<T>& a, const Shape& s, const T* grad, const T* loss, const T* xbuf, const T* gram,
-              const T* stats, T* dA) {
-  const int HW = s.H * s.W, N = s.N, KP = s.KP;
-  const int64_t HWo = (int64_t)s.Ho * s.Wo;
+void bwd_impl(const Arrays<T>& a, const Shape& S, const T* grad, const T* loss, const T* xbuf, const T* gram,
+              const T* stats, const T* ybuf, T* dA) {
+  const int HW = S.H * S.W, NF = S.N;
+  const int64_t HWo = (int64_t)S.Ho * S.Wo;
 #pragma omp parallel
   {
-    std::vector<double> X((size_t)HW * N), Xs((size_t)HWo * N), tmp, U((size_t)N * N), G((size_t)N * N);
-    std::vector<double> dXs((size_t)HWo * KP), dX((size_t)HW * KP), gfull(s.T);
+    std::vector<double> X, Xs, tmp, U, G, dXs, dX, gfull(S.T), colsum;
 #pragma omp for schedule(dynamic, 1)
-    for (int b = 0; b < s.B; ++b) {
-      T* da = dA + (int64_t)b * HW * s.T;
-      const int32_t* tok = a.tok + (int64_t)b * s.KP;
-      const int32_t* lab = a.lab + (int64_t)b * s.KP;
-      if (!std::isfinite(loss[b]) || !std::isfinite(grad[b])) {
-        std::fill(da, da + (int64_t)HW * s.T, std::numeric_limits<T>::quiet_NaN());
+    for (int b = 0; b < S.B; ++b) {
+      T* da = dA + (int64_t)b * HW * S.T;
+      if (!std::isfinite((double)loss[b]) || !std::isfinite((double)grad[b])) {
+        std::fill(da, da + (int64_t)HW * S.T, std::numeric_limits<T>::quiet_NaN());
         continue;
       }
-      for (int i = 0; i < N * N; ++i) U[i] = gram[(int64_t)b * N * N + i];
+      const Compact c = compact(a.tok + (int64_t)b * S.KP, a.lab + (int64_t)b * S.KP, S);
+      const Shape& s = c.s;
+      const int N = s.N, KP = s.KP;
+      X.assign((size_t)HW * N, 0.0); Xs.assign((size_t)HWo * N, 0.0); U.assign((size_t)N * N, 0.0);
+      G.assign((size_t)N * N, 0.0); dXs.assign((size_t)HWo * KP, 0.0); dX.assign((size_t)HW * KP, 0.0);
+      colsum.assign(KP, 0.0);
+      const T* g0 = gram + (int64_t)b * NF * NF;
+      for (int i = 0; i < N; ++i)
+        for (int j = 0; j < N; ++j) U[(size_t)i * N + j] = (double)g0[(int64_t)c.full_col(i) * NF + c.full_col(j)];
       const int kind = s.loss_mode == 2 ? a.kinds[b] : s.loss_mode;
-      epilogue(U.data(), lab, s, kind, (double)grad[b], G.data(), false);
-      for (size_t i = 0; i < X.size(); ++i) X[i] = xbuf[(int64_t)b * HW * N + i];
+      epilogue(U.data(), c.lab.data(), s, kind, (double)grad[b], G.data(), false);
+      const T* xb = xbuf + (int64_t)b * HW * NF;
+      for (int p = 0; p < HW; ++p)
+        for (int k = 0; k < N; ++k) X[(size_t)p * N + k] = (double)xb[(int64_t)p * NF + c.full_col(k)];
       if (s.smooth) smooth_fwd(X.data(), a.w, s, tmp, Xs.data());
       else std::copy(X.begin(), X.end(), Xs.begin());
       if (s.spatial) {
-        const T* M = stats + (int64_t)b * 2 * N;
-        const T* L = M + N;
+        const T* st = stats + (int64_t)b * 2 * NF;
         for (int64_t o = 0; o < HWo; ++o)
-          for (int k = 0; k < N; ++k) Xs[o * N + k] = std::exp(100.0 * Xs[o * N + k] - (double)M[k]) / (double)L[k];
+          for (int k = 0; k < N; ++k)
+            Xs[o * N + k] = std::exp(100.0 * Xs[o * N + k] - (double)st[c.full_col(k)]) / (double)st[NF + c.full_col(k)];
       }
       // dE = E (G + G^T), current columns only; through the spatial softmax: dxs = 100 e (dE - sum_o dE e)
-      std::vector<double> colsum(KP, 0.0);
+      std::vector<double> Gt((size_t)N * KP);
+      for (int j = 0; j < N; ++j)
+        for (int k = 0; k < KP; ++k) Gt[(size_t)j * KP + k] = G[(size_t)j * N + k] + G[(size_t)k * N + j];
       for (int64_t o = 0; o < HWo; ++o) {
         const double* e = &Xs[o * N];
         double* d = &dXs[o * KP];
-        for (int k = 0; k < KP; ++k) {
-          double acc = 0.0;
-          for (int j = 0; j < N; ++j) acc += e[j] * (G[(size_t)j * N + k] + G[(size_t)k * N + j]);
-          d[k] = acc;
-          colsum[k] += acc * e[k];
+        for (int j = 0; j < N; ++j) {
+          const double ej = e[j];
+          const double* gt = &Gt[(size_t)j * KP];
+          for (int k = 0; k < KP; ++k) d[k] += ej * gt[k];
         }
+        for (int k = 0; k < KP; ++k) colsum[k] += d[k] * e[k];
       }
       if (s.spatial)
         for (int64_t o = 0; o < HWo; ++o)
@@ -314,27 +482,48 @@ void bwd_impl(const Arrays<T>& a, const Shape& s, const T* grad, const T* loss, 
       if (s.smooth) smooth_bwd(dXs.data(), a.w, s, tmp, dX.data());
       else std::copy(dXs.begin(), dXs.end(), dX.begin());
       // through the token softmax into dA
-      const T* A = a.maps + (int64_t)b * HW * s.T;
+      const T* A = a.maps + (int64_t)b * HW * S.T;
       for (int p = 0; p < HW; ++p) {
-        T* out = da + (int64_t)p * s.T;
+        T* out = da + (int64_t)p * S.T;
         const double* g = &dX[(int64_t)p * KP];
-        std::fill(gfull.begin(), gfull.end(), 0.0);
-        for (int k = 0; k < KP; ++k) if (lab[k] >= 0) gfull[tok[k]] = g[k];
         if (!s.softmax) {
-          for (int c = 0; c < s.T; ++c) out[c] = (T)gfull[c];
+          std::fill(out, out + S.T, (T)0);
+          for (int k = 0; k < KP; ++k) out[c.tok[k]] = (T)g[k];
           continue;
         }
-        const T* ar = A + (int64_t)p * s.T;
-        double m = -std::numeric_limits<double>::infinity();
-        for (int c = 1; c < s.T - 1; ++c) m = std::max(m, 100.0 * (double)ar[c]);
-        double l = 0.0;
-        for (int c = 1; c < s.T - 1; ++c) l += std::exp(100.0 * (double)ar[c] - m);
+        if (ybuf) {   // the forward's softmax: no exp here
+          const T* y = ybuf + (int64_t)b * HW * S.T + (int64_t)p * S.T;
+          double gy = 0.0;
+          for (int k = 0; k < KP; ++k) gy += g[k] * (double)y[c.tok[k]];
+          std::fill(gfull.begin(), gfull.end(), -gy);
+          for (int k = 0; k < KP; ++k) gfull[c.tok[k]] += g[k];
+          out[0] = 0; out[S.T - 1] = 0;
+          for (int c2 = 1; c2 < S.T - 1; ++c2) out[c2] = (T)(100.0 * (double)y[c2] * gfull[c2]);
+          continue;
+        }
+        const T* ar = A + (int64_t)p * S.T;
+        double m, l;
+        softmax_stats(ar, S.T, m, l);
+        std::fill(gfull.begin(), gfull.end(), 0.0);
         double gy = 0.0;
-        for (int k = 0; k < KP; ++k) if (lab[k] >= 0) gy += g[k] * std::exp(100.0 * (double)ar[tok[k]] - m) / l;
-        out[0] = 0; out[s.T - 1] = 0;
-        for (int c = 1; c < s.T - 1; ++c) {
-          const double y = std::exp(100.0 * (double)ar[c] - m) / l;
-          out[c] = (T)(100.0 * y * (gfull[c] - gy));
+        for (int k = 0; k < KP; ++k) {
+          gfull[c.tok[k]] = g[k];
+          gy += g[k] * texp<T>(100.0 * (double)ar[c.tok[k]] - m) / l;
+        }
+        out[0] = 0; out[S.T - 1] = 0;
+        const double inv_l = 1.0 / l;
+        if constexpr (std::is_same<T, float>::value) {
+          const float mf = (float)m;
+#pragma omp simd
+          for (int c2 = 1; c2 < S.T - 1; ++c2) {
+            const double y = (double)fexp(100.0f * ar[c2] - mf) * inv_l;
+            out[c2] = (T)(100.0 * y * (gfull[c2] - gy));
+          }
+        } else {
+          for (int c2 = 1; c2 < S.T - 1; ++c2) {
+            const double y = std::exp(100.0 * (double)ar[c2] - m) * inv_l;
+            out[c2] = (T)(100.0 * y * (gfull[c2] - gy));
+          }
         }
       }
     }
@@ -353,7 +542,7 @@ Arrays<T> arrays(const arr<T>& maps, const arr<T>& prev, const arr<int32_t>& tok
 template <typename T>
 void fwd(arr<T> maps, arr<T> prev, arr<int32_t> tok, arr<int32_t> lab, arr<int32_t> kinds, arr<double> w, int B, int H,
          int W, int Tn, int KP, bool has_prev, bool softmax, bool smooth, bool spatial, int loss_mode, double tau,
-         arr<T> loss, arr<T> xbuf, arr<T> gram, arr<T> stats) {
+         arr<T> loss, arr<T> xbuf, arr<T> gram, arr<T> stats, arr<T> ybuf) {
   Shape s = make_shape(B, H, W, Tn, KP, has_prev, softmax, smooth, spatial, loss_mode, (int)w.size(), tau);
   if (maps.size() != (py::ssize_t)B * H * W * Tn || (has_prev && prev.size() != maps.size()) ||
       tok.size() != (py::ssize_t)B * KP || lab.size() != (py::ssize_t)B * KP ||
@@ -361,14 +550,17 @@ void fwd(arr<T> maps, arr<T> prev, arr<int32_t> tok, arr<int32_t> lab, arr<int32
       stats.size() != (py::ssize_t)B * 2 * s.N || loss.size() != B)
     throw std::invalid_argument("attention_nce_fwd: inconsistent buffer sizes");
   auto a = arrays(maps, prev, tok, lab, kinds, w);
+  if (ybuf.size() != 0 && ybuf.size() != maps.size())
+    throw std::invalid_argument("attention_nce_fwd: ybuf must be empty or of the maps' size");
   T *pl = loss.mutable_data(), *px = xbuf.mutable_data(), *pg = gram.mutable_data(), *ps = stats.mutable_data();
+  T* py_ = (softmax && ybuf.size()) ? ybuf.mutable_data() : nullptr;
   py::gil_scoped_release nogil;
-  fwd_impl(a, s, pl, px, pg, ps);
+  fwd_impl(a, s, pl, px, pg, ps, py_);
 }
 
 template <typename T>
 void bwd(arr<T> grad, arr<T> maps, arr<T> prev, arr<int32_t> tok, arr<int32_t> lab, arr<int32_t> kinds,
-         arr<double> w, arr<T> loss, arr<T> xbuf, arr<T> gram, arr<T> stats, int B, int H, int W,
+         arr<double> w, arr<T> loss, arr<T> xbuf, arr<T> gram, arr<T> stats, arr<T> ybuf, int B, int H, int W,
          int Tn, int KP, bool has_prev, bool softmax, bool smooth, bool spatial, int loss_mode, double tau,
          arr<T> dmaps) {
   Shape s = make_shape(B, H, W, Tn, KP, has_prev, softmax, smooth, spatial, loss_mode, (int)w.size(), tau);
@@ -378,8 +570,9 @@ void bwd(arr<T> grad, arr<T> maps, arr<T> prev, arr<int32_t> tok, arr<int32_t> l
   auto a = arrays(maps, prev, tok, lab, kinds, w);
   const T *pg = grad.data(), *pl = loss.data(), *px = xbuf.data(), *pu = gram.data(), *ps = stats.data();
   T* out = dmaps.mutable_data();
+  const T* py_ = (softmax && ybuf.size() == maps.size()) ? ybuf.data() : nullptr;
   py::gil_scoped_release nogil;
-  bwd_impl(a, s, pg, pl, px, pu, ps, out);
+  bwd_impl(a, s, pg, pl, px, pu, ps, py_, out);
 }
 
 template <typename T>
@@ -390,12 +583,13 @@ void bind(py::module_& m, const char* suffix) {
         py::arg("labels").noconvert(), py::arg("kinds").noconvert(), py::arg("weights").noconvert(), "B"_a, "H"_a,
         "W"_a, "T"_a, "KP"_a, "has_prev"_a, "softmax"_a, "smooth"_a, "spatial"_a, "loss_mode"_a, "tau"_a,
         py::arg("loss").noconvert(), py::arg("xbuf").noconvert(), py::arg("gram").noconvert(),
-        py::arg("stats").noconvert());
+        py::arg("stats").noconvert(), py::arg("ybuf").noconvert());
   m.def((std::string("attention_nce_bwd_") + suffix).c_str(), &bwd<T>, "backward: dmaps (B, H, W, T)",
         py::arg("grad").noconvert(), py::arg("maps").noconvert(), py::arg("prev").noconvert(),
         py::arg("tokens").noconvert(), py::arg("labels").noconvert(), py::arg("kinds").noconvert(),
         py::arg("weights").noconvert(), py::arg("loss").noconvert(), py::arg("xbuf").noconvert(),
-        py::arg("gram").noconvert(), py::arg("stats").noconvert(), "B"_a, "H"_a, "W"_a, "T"_a, "KP"_a, "has_prev"_a,
+        py::arg("gram").noconvert(), py::arg("stats").noconvert(), py::arg("ybuf").noconvert(), "B"_a, "H"_a, "W"_a,
+        "T"_a, "KP"_a, "has_prev"_a,
         "softmax"_a, "smooth"_a, "spatial"_a, "loss_mode"_a, "tau"_a, py::arg("dmaps").noconvert());
 }
 

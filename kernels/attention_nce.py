@@ -375,7 +375,8 @@ def _flags(maps, prev, tokens, smooth, weights):
 
 def attention_nce_fwd(maps, prev, tokens, labels, kinds, weights, temperature, softmax_normalize, smooth,
                       spatial_softmax, loss_mode):
-    """Same contract as ``contrastgen.ops._cpp_attention_nce.attention_nce_fwd``; outputs float32."""
+    """Same contract as ``contrastgen.ops._cpp_attention_nce.attention_nce_fwd``; outputs float32.  The token
+    softmax is recomputed in the backward (cheap on the GPU), so the saved Y is empty (B, 0, T)."""
     _check(maps)
     B, H, W, T, KP, n_cols, ks, pad, Ho, Wo, tp, w = _flags(maps, prev, tokens, smooth, weights)
     maps = maps.contiguous()
@@ -392,10 +393,10 @@ def attention_nce_fwd(maps, prev, tokens, labels, kinds, weights, temperature, s
         KP=KP, N_COLS=n_cols, TP=tp, KS=ks, PAD=pad, HAS_PREV=prev is not None, SOFTMAX=bool(softmax_normalize),
         SMOOTH=bool(smooth), SPATIAL=bool(spatial_softmax), LOSS=int(loss_mode), BLOCK_O=bo, BLOCK_P=bp,
         num_warps=nw, num_stages=1)
-    return loss, xbuf, gram, stats
+    return loss, xbuf, gram, stats, torch.empty(B, 0, T, dtype=torch.float32, device=dev)
 
 
-def attention_nce_bwd(grad, maps, prev, tokens, labels, kinds, weights, loss, xbuf, gram, stats, temperature,
+def attention_nce_bwd(grad, maps, prev, tokens, labels, kinds, weights, loss, xbuf, gram, stats, ybuf, temperature,
                       softmax_normalize, smooth, spatial_softmax, loss_mode):
     """d loss / d maps (B, H, W, T) float32."""
     _check(maps)

@@ -394,9 +394,10 @@ def _git_commit() -> str:
         return ""
 
 
-def run(out_dir, *, train_steps: int = 1200, batch: int = 32, width: int = 32, seeds: int = 2,
+def run(out_dir, *, train_steps: int = 1000, batch: int = 16, width: int = 32, seeds: int = 2,
         n_prompts: Optional[int] = None, steps: int = 50, gen_batch: int = 16, guidance_scale: float = 5.0,
-        scale_factor: float = 20.0, softmax_normalize: bool = True, seed: int = 0, log=print) -> dict:
+        scale_factor: float = 20.0, softmax_normalize: bool = True, seed: int = 0, checkpoint=None,
+        log=print) -> dict:
     """Train, generate held-out prompts with and without CONFORM, score, write PNGs and JSON; returns the JSON."""
     from .conform import save_attention_overlays
 
@@ -415,8 +416,22 @@ def run(out_dir, *, train_steps: int = 1200, batch: int = 32, width: int = 32, s
         f"parameters) for {train_steps} steps of {batch} scenes ({len(train_pairs)} training pairings, "
         f"{len(held_out)} held out)")
     t0 = time.perf_counter()
-    curve = train_text_to_image(unet, text, tok, train_pairs, steps=train_steps, batch=batch, seed=seed, log=log)
-    train_s = time.perf_counter() - t0
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu")
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+        curve, train_s = state["curve"], state["train_seconds"]
+        unet.eval()
+        text.eval()
+        log(f"loaded the trained model from {ckpt} (trained in {train_s:.0f} s)")
+    else:
+        curve = train_text_to_image(unet, text, tok, train_pairs, steps=train_steps, batch=batch, seed=seed, log=log)
+        train_s = time.perf_counter() - t0
+        if ckpt is not None:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "curve": curve, "train_seconds": train_s,
+                        "train_steps": train_steps, "batch": batch, "width": width}, ckpt)
     pipe = as_pipeline(unet, text, tok)
     kw = dict(scale_factor=scale_factor, softmax_normalize=softmax_normalize)
     seed_list = list(range(1000, 1000 + seeds))
@@ -475,8 +490,8 @@ def run(out_dir, *, train_steps: int = 1200, batch: int = 32, width: int = 32, s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="contrastgen demo conform", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "benches" / "results" / "demo_conform"))
-    ap.add_argument("--train-steps", type=int, default=1200)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--train-steps", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--seeds", type=int, default=2, help="images per held-out prompt and setting")
     ap.add_argument("--prompts", type=int, default=None, help="use only the first N held-out prompts")
@@ -487,12 +502,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-softmax-normalize", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint", default=None, help="load the trained model from here if it exists, else train "
+                    "and save it here (to rerun the generation without retraining)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     run(a.out, train_steps=a.train_steps, batch=a.batch, width=a.width, seeds=a.seeds, n_prompts=a.prompts,
         steps=a.steps, gen_batch=a.gen_batch, guidance_scale=a.guidance_scale, scale_factor=a.scale_factor,
-        softmax_normalize=not a.no_softmax_normalize, seed=a.seed)
+        softmax_normalize=not a.no_softmax_normalize, seed=a.seed, checkpoint=a.checkpoint)
     return 0
 
 

@@ -44,9 +44,10 @@ def _common(maps, prev, tokens, labels, kinds, weights):
 
 def attention_nce_fwd(maps: Tensor, prev: Optional[Tensor], tokens: Tensor, labels: Tensor, kinds: Tensor,
                       weights, temperature: float, softmax_normalize: bool, smooth: bool, spatial_softmax: bool,
-                      loss_mode: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """maps (B, H, W, T) -> (loss (B,), X (B, H*W, N), Gram (B, N, N), spatial-softmax stats (B, 2, N)),
-    N = KP (x 2 with prev).  ``weights``: the 1-D smoothing weights (sum 1, separable kernel)."""
+                      loss_mode: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """maps (B, H, W, T) -> (loss (B,), X (B, H*W, N), Gram (B, N, N), spatial-softmax stats (B, 2, N),
+    Y (B, H*W, T) the token softmax of the maps, or (B, 0, T) without it), N = KP (x 2 with prev).
+    ``weights``: the 1-D smoothing weights (sum 1, separable kernel)."""
     B, H, W, T = maps.shape
     KP = tokens.shape[1]
     N = KP * (2 if prev is not None else 1)
@@ -55,16 +56,17 @@ def attention_nce_fwd(maps: Tensor, prev: Optional[Tensor], tokens: Tensor, labe
     xbuf = torch.empty(B, H * W, N, dtype=m.dtype)
     gram = torch.empty(B, N, N, dtype=m.dtype)
     stats = torch.empty(B, 2, N, dtype=m.dtype)
+    ybuf = torch.empty(B, H * W if softmax_normalize else 0, T, dtype=m.dtype)
     getattr(_need_ext(), "attention_nce_fwd_" + _suffix(m.dtype))(
         m.numpy(), p.numpy(), tok, lab, knd, w, B, H, W, T, KP, prev is not None, bool(softmax_normalize),
         bool(smooth), bool(spatial_softmax), int(loss_mode), float(temperature),
-        loss.numpy(), xbuf.numpy(), gram.numpy(), stats.numpy())
-    return loss, xbuf, gram, stats
+        loss.numpy(), xbuf.numpy(), gram.numpy(), stats.numpy(), ybuf.numpy())
+    return loss, xbuf, gram, stats, ybuf
 
 
 def attention_nce_bwd(grad: Tensor, maps: Tensor, prev: Optional[Tensor], tokens: Tensor, labels: Tensor,
                       kinds: Tensor, weights, loss: Tensor, xbuf: Tensor, gram: Tensor, stats: Tensor,
-                      temperature: float, softmax_normalize: bool, smooth: bool, spatial_softmax: bool,
+                      ybuf: Tensor, temperature: float, softmax_normalize: bool, smooth: bool, spatial_softmax: bool,
                       loss_mode: int) -> Tensor:
     """d loss / d maps (B, H, W, T) in the accumulation dtype for the upstream gradient ``grad`` (B,)."""
     B, H, W, T = maps.shape
@@ -72,9 +74,9 @@ def attention_nce_bwd(grad: Tensor, maps: Tensor, prev: Optional[Tensor], tokens
     m, p, (tok, lab, knd), w = _common(maps, prev, tokens, labels, kinds, weights)
     acc = m.dtype
     dmaps = torch.empty(B, H, W, T, dtype=acc)
-    g, l, x, u, st = (t.detach().to(acc).contiguous() for t in (grad, loss, xbuf, gram, stats))
+    g, l, x, u, st, y = (t.detach().to(acc).contiguous() for t in (grad, loss, xbuf, gram, stats, ybuf))
     getattr(_need_ext(), "attention_nce_bwd_" + _suffix(acc))(
-        g.numpy(), m.numpy(), p.numpy(), tok, lab, knd, w, l.numpy(), x.numpy(), u.numpy(), st.numpy(),
+        g.numpy(), m.numpy(), p.numpy(), tok, lab, knd, w, l.numpy(), x.numpy(), u.numpy(), st.numpy(), y.numpy(),
         B, H, W, T, KP, prev is not None, bool(softmax_normalize), bool(smooth), bool(spatial_softmax),
         int(loss_mode), float(temperature), dmaps.numpy())
     return dmaps

@@ -53,8 +53,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("contrastgen::attention_nce_fwd", mutates_args=())
 def attention_nce_fwd(maps: Tensor, prev: Optional[Tensor], tokens: Tensor, labels: Tensor, kinds: Tensor,
                       temperature: float, softmax_normalize: bool, smoothing: str, kernel_size: int, sigma: float,
-                      spatial_softmax: bool, loss_mode: int, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """maps (B, H, W, T) -> (loss (B,), X (B, H*W, N), Gram (B, N, N), stats (B, 2, N)), accumulation dtype."""
+                      spatial_softmax: bool, loss_mode: int, backend: str
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """maps (B, H, W, T) -> (loss (B,), X (B, H*W, N), Gram (B, N, N), stats (B, 2, N), Y), accumulation dtype;
+    Y (B, H*W, T) the token softmax, saved by the backends that reuse it in the backward (cpp), else (B, 0, T)."""
     w = smoothing_weights(smoothing, kernel_size, sigma)
     return launcher("attention_nce", backend).attention_nce_fwd(
         maps, prev, tokens, labels, kinds, w, temperature, softmax_normalize, smoothing != "none", spatial_softmax,
@@ -67,45 +69,48 @@ def _(maps, prev, tokens, labels, kinds, temperature, softmax_normalize, smoothi
     B, H, W, _ = maps.shape
     n = _n_cols(tokens, prev)
     acc = _acc_dtype(maps.dtype)
+    T = maps.shape[-1]
+    ny = H * W if (softmax_normalize and backend == "cpp") else 0
     return (maps.new_empty((B,), dtype=acc), maps.new_empty((B, H * W, n), dtype=acc),
-            maps.new_empty((B, n, n), dtype=acc), maps.new_empty((B, 2, n), dtype=acc))
+            maps.new_empty((B, n, n), dtype=acc), maps.new_empty((B, 2, n), dtype=acc),
+            maps.new_empty((B, ny, T), dtype=acc))
 
 
 @torch.library.custom_op("contrastgen::attention_nce_bwd", mutates_args=())
 def attention_nce_bwd(grad: Tensor, maps: Tensor, prev: Optional[Tensor], tokens: Tensor, labels: Tensor,
-                      kinds: Tensor, loss: Tensor, xbuf: Tensor, gram: Tensor, stats: Tensor, temperature: float,
-                      softmax_normalize: bool, smoothing: str, kernel_size: int, sigma: float, spatial_softmax: bool,
+                      kinds: Tensor, loss: Tensor, xbuf: Tensor, gram: Tensor, stats: Tensor, ybuf: Tensor,
+                      temperature: float, softmax_normalize: bool, smoothing: str, kernel_size: int, sigma: float, spatial_softmax: bool,
                       loss_mode: int, backend: str) -> Tensor:
     """d loss / d maps (B, H, W, T) in maps' dtype for the upstream gradient ``grad`` (B,)."""
     w = smoothing_weights(smoothing, kernel_size, sigma)
     d = launcher("attention_nce", backend).attention_nce_bwd(
-        grad, maps, prev, tokens, labels, kinds, w, loss, xbuf, gram, stats, temperature, softmax_normalize,
+        grad, maps, prev, tokens, labels, kinds, w, loss, xbuf, gram, stats, ybuf, temperature, softmax_normalize,
         smoothing != "none", spatial_softmax, loss_mode)
     return d.to(maps.dtype)
 
 
 @attention_nce_bwd.register_fake
-def _(grad, maps, prev, tokens, labels, kinds, loss, xbuf, gram, stats, temperature, softmax_normalize, smoothing,
-      kernel_size, sigma, spatial_softmax, loss_mode, backend):
+def _(grad, maps, prev, tokens, labels, kinds, loss, xbuf, gram, stats, ybuf, temperature, softmax_normalize,
+      smoothing, kernel_size, sigma, spatial_softmax, loss_mode, backend):
     return torch.empty_like(maps)
 
 
 def _setup(ctx, inputs, output):
     maps, prev, tokens, labels, kinds, *opts = inputs
-    loss, xbuf, gram, stats = output
-    ctx.save_for_backward(maps, prev, tokens, labels, kinds, loss, xbuf, gram, stats)
+    loss, xbuf, gram, stats, ybuf = output
+    ctx.save_for_backward(maps, prev, tokens, labels, kinds, loss, xbuf, gram, stats, ybuf)
     ctx.opts = tuple(opts)
-    ctx.mark_non_differentiable(xbuf, gram, stats)
+    ctx.mark_non_differentiable(xbuf, gram, stats, ybuf)
 
 
-def _backward(ctx, g_loss, _g_xbuf, _g_gram, _g_stats):
-    maps, prev, tokens, labels, kinds, loss, xbuf, gram, stats = ctx.saved_tensors
+def _backward(ctx, g_loss, _g_xbuf, _g_gram, _g_stats, _g_ybuf):
+    maps, prev, tokens, labels, kinds, loss, xbuf, gram, stats, ybuf = ctx.saved_tensors
     dmaps = None
     if ctx.needs_input_grad[0]:
         if g_loss is None:
             g_loss = torch.zeros_like(loss)
         dmaps = torch.ops.contrastgen.attention_nce_bwd(g_loss.contiguous(), maps, prev, tokens, labels, kinds, loss,
-                                                        xbuf, gram, stats, *ctx.opts)
+                                                        xbuf, gram, stats, ybuf, *ctx.opts)
     return (dmaps,) + (None,) * 12
 
 
