@@ -9,7 +9,7 @@ import importlib
 import sys
 from pathlib import Path
 
-DEMOS = {"dispersive": "contrastgen.methods.dispersive_demo"}
+DEMOS = {"dispersive": "contrastgen.methods.dispersive_demo", "cut": "contrastgen.methods.cut_demo"}
 
 
 def _bench(argv):
