@@ -372,8 +372,10 @@ FWD_CONFIGS = {
     (80, "16bit", "single"): (64, 64, 8, 2), (80, "16bit", "multi"): (64, 64, 8, 2),
     (80, "fp32", "single"): (64, 32, 4, 2), (80, "fp32", "multi"): (64, 32, 4, 2),
 }
-# sm_80 fp32 key pass: 4 warps spilled 32 bytes (255 registers); 8 warps: 166 registers
-BWD_CONFIGS = {**FWD_CONFIGS, (80, "fp32", "single"): (64, 32, 8, 2), (80, "fp32", "multi"): (64, 32, 8, 2)}
+# key pass: its products have BLOCK_N rows, so 64 on sm_90 (BLOCK_N = 32 compiled to HMMA, not HGMMA); sm_80 fp32:
+# 4 warps spilled 32 bytes (255 registers), 8 warps use 166
+BWD_CONFIGS = {**FWD_CONFIGS, (90, "fp32", "single"): (64, 64, 8, 2), (90, "fp32", "multi"): (64, 64, 8, 2),
+               (80, "fp32", "single"): (64, 32, 8, 2), (80, "fp32", "multi"): (64, 32, 8, 2)}
 INTERPRET_TILE = (64, 64)       # few, large tiles keep the interpreter fast
 _PREC = {torch.float32: "fp32", torch.bfloat16: "16bit", torch.float16: "16bit"}
 
