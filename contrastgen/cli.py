@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 DEMOS = {"dispersive": "contrastgen.methods.dispersive_demo", "conform": "contrastgen.methods.conform_demo",
-         "i2i": "contrastgen.methods.i2i_demo", "edit": "contrastgen.methods.i2i_demo"}
+         "cut": "contrastgen.methods.cut_demo", "i2i": "contrastgen.methods.i2i_demo",
+         "edit": "contrastgen.methods.i2i_demo"}
 
 
 def _bench(argv):

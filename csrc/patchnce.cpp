@@ -38,6 +38,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace py = pybind11;
 
@@ -53,15 +56,22 @@ void check(bool ok, const std::string& msg) {
 }
 
 template <typename T> struct Vec {
-  typedef T type __attribute__((vector_size(64), aligned(sizeof(T))));
+  // unaligned, may alias T: loads / stores through pointer casts compile to single vmovups (a memcpy-based load
+  // was split into 32-byte copies through the stack under GCC's default prefer-vector-width=256: 5x slower)
+  typedef T type __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
   static constexpr int W = 64 / sizeof(T);
 };
 template <typename T> using V = typename Vec<T>::type;
 template <typename T> constexpr int NR = 2 * Vec<T>::W;  // panel width: two vectors (32 floats, 16 doubles)
 
-template <typename T> inline V<T> vload(const T* p) { V<T> v; std::memcpy(&v, p, sizeof(v)); return v; }
-template <typename T> inline void vstore(T* p, V<T> v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename T> inline V<T> vload(const T* p) { return *reinterpret_cast<const V<T>*>(p); }
+template <typename T> inline void vstore(T* p, V<T> v) { *reinterpret_cast<V<T>*>(p) = v; }
+// broadcast: one vbroadcastss / vbroadcastsd with AVX-512 (`V<T>{} + x` costs an extra add, for 0 + -0)
 template <typename T> inline V<T> vsplat(T x) { return V<T>{} + x; }
+#ifdef __AVX512F__
+template <> inline V<float> vsplat<float>(float x) { return (V<float>)_mm512_set1_ps(x); }
+template <> inline V<double> vsplat<double>(double x) { return (V<double>)_mm512_set1_pd(x); }
+#endif
 
 // exp(x): float, Cephes-style polynomial after range reduction (~2 ulp), 0 below -87.3 (exp(-inf) = 0), NaN in ->
 // NaN out, +inf -> +inf; vectorisable under `omp simd`.  double: libm.
@@ -122,47 +132,47 @@ inline void abt_rows(const T* a, int64_t lda, int64_t D, const T* bp, T* c, int6
   }
 }
 
-// C[r][0, w) += sum_{j < nj} A[r lda + j] B[j ldb + c]  (r < rows <= MR, w <= NR columns; B rows read in place)
+// C[r][0, NR) += sum_{j < nj} A[r lda + j] B[j ldb + c]  (r < rows <= MR; B rows read in place).  The
+// accumulators stay in registers (one code path per function: GCC spilled them when a partial-panel branch
+// shared the arrays).
 template <typename T, int M>
-inline void ab_micro(const T* a, int64_t lda, int64_t nj, const T* b, int64_t ldb, T* c, int64_t ldc, int w) {
+inline void ab_micro(const T* a, int64_t lda, int64_t nj, const T* b, int64_t ldb, T* c, int64_t ldc) {
   constexpr int W = Vec<T>::W;
   V<T> acc0[M], acc1[M];
   for (int r = 0; r < M; ++r) acc0[r] = V<T>{}, acc1[r] = V<T>{};
-  if (w == NR<T>) {
-    for (int64_t j = 0; j < nj; ++j) {
-      const V<T> b0 = vload(b + j * ldb), b1 = vload(b + j * ldb + W);
+  for (int64_t j = 0; j < nj; ++j) {
+    const V<T> b0 = vload(b + j * ldb), b1 = vload(b + j * ldb + W);
 #pragma GCC unroll 12
-      for (int r = 0; r < M; ++r) {
-        const V<T> av = vsplat(a[r * lda + j]);
-        acc0[r] += av * b0;
-        acc1[r] += av * b1;
-      }
-    }
-  } else {  // a partial panel (C not a multiple of NR): B row segments copied into zero-padded vectors
-    alignas(64) T tmp[NR<T>] = {};
-    for (int64_t j = 0; j < nj; ++j) {
-      std::memcpy(tmp, b + j * ldb, sizeof(T) * w);
-      const V<T> b0 = vload(tmp), b1 = vload(tmp + W);
-      for (int r = 0; r < M; ++r) {
-        const V<T> av = vsplat(a[r * lda + j]);
-        acc0[r] += av * b0;
-        acc1[r] += av * b1;
-      }
+    for (int r = 0; r < M; ++r) {
+      const V<T> av = vsplat(a[r * lda + j]);
+      acc0[r] += av * b0;
+      acc1[r] += av * b1;
     }
   }
-  alignas(64) T out[NR<T>];
   for (int r = 0; r < M; ++r) {
-    vstore(out, acc0[r]);
-    vstore(out + W, acc1[r]);
-    T* cr = c + r * ldc;
-    for (int k = 0; k < w; ++k) cr[k] += out[k];
+    vstore(c + r * ldc, vload(c + r * ldc) + acc0[r]);
+    vstore(c + r * ldc + W, vload(c + r * ldc + W) + acc1[r]);
+  }
+}
+
+// the same for a partial panel of w < NR columns (C not a multiple of NR): scalar accumulation
+template <typename T>
+void ab_partial(const T* a, int64_t lda, int64_t nj, const T* b, int64_t ldb, T* c, int64_t ldc, int w, int rows) {
+  for (int r = 0; r < rows; ++r) {
+    T acc[NR<T>] = {};
+    for (int64_t j = 0; j < nj; ++j) {
+      const T av = a[r * lda + j];
+      for (int k = 0; k < w; ++k) acc[k] += av * b[j * ldb + k];
+    }
+    for (int k = 0; k < w; ++k) c[r * ldc + k] += acc[k];
   }
 }
 
 template <typename T, int M = MR>
 inline void ab_rows(const T* a, int64_t lda, int64_t nj, const T* b, int64_t ldb, T* c, int64_t ldc, int w, int rows) {
+  if (w < NR<T>) return ab_partial<T>(a, lda, nj, b, ldb, c, ldc, w, rows);
   if constexpr (M > 0) {
-    if (rows == M) return ab_micro<T, M>(a, lda, nj, b, ldb, c, ldc, w);
+    if (rows == M) return ab_micro<T, M>(a, lda, nj, b, ldb, c, ldc);
     return ab_rows<T, M - 1>(a, lda, nj, b, ldb, c, ldc, w, rows);
   }
 }

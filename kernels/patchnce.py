@@ -19,17 +19,22 @@ P_ij = exp(x_ij - lse_i), the fill entry takes no gradient):
 
 Design
 ------
-* Forward (``_patchnce_fwd_kernel``): one program per (layer, group, BLOCK_M query rows[, channel chunk]).  The
+* Forward (``_patchnce_fwd_kernel``): one program per (layer, group, BLOCK_M query rows).  The
   query block stays on chip; each key tile K_j (BLOCK_N x C) is loaded once and used twice: S = Q K_j^T, then
   the online log-sum-exp (running max m, sum l, rescale alpha = exp(m_old - m_new)) and the on-chip accumulator
   O += P K_j.  At the end O / l = sum_j P_ij k_j, so the forward also produces the query gradient up to the
   per-layer upstream weight (``gq = (O / l - k_i) / tau``, fp32) when a query needs a gradient (NEED_DQ): the
-  loss and dq cost 2 matmul-equivalents in all, and the backward only scales gq.  When C_max > 256 the O
-  accumulator is split over NCHUNK programs (grid axis of BLOCK_C channel chunks), each recomputing S.
+  loss and dq cost 2 matmul-equivalents in all, and the backward only scales gq.  Channel modes (constexpr
+  ON_CHIP): "single" keeps Q and O in registers (16-bit inputs with C_max <= 256, fp32 with C_max <= 32);
+  "multi" (larger C, e.g. UNet decoder features, and fp32, whose 3-pass tf32 products need ~3x the registers and
+  spilled with a 256-channel tile) reloads Q in BLOCK_C chunks for S and keeps O unnormalised in the program's
+  own fp32 rows of gq, rescaled there chunk by chunk (read-modify-write, L2-resident, a CTA barrier per tile):
+  still 2 matmul-equivalents.
 * Backward (``_patchnce_bwd_kernel``, one launch): programs [0, n_dk) are the key ("column") kernel when a key
   needs a gradient (NEED_DK; CUT detaches the keys, so by default there are none): one program per block of
   BLOCK_N keys loops over the query tiles of its group, recomputes S^T, P^T = exp(x^T - lse) from the saved row
-  lse, and accumulates dK += (P - I)^T Q on chip (FlashAttention-2's column pass: no atomics, deterministic).
+  lse, and accumulates dK += (P - I)^T Q on chip ("multi": in an fp32 scratch buffer, as the forward)
+  (FlashAttention-2's column pass: no atomics, deterministic).
   The remaining programs scale gq by w_l into dq (NEED_DQ).
 * Layers: up to MAX_LAYERS per launch, passed as scalar arguments (pointers Q_l, K_l, channels C_l, group
   size n_l) and selected per program by its layer id: no packing copy, no pointer table, no host-to-device
@@ -67,7 +72,9 @@ from ._aot import AotConfig
 
 MAX_LAYERS = 8                 # layers per launch (scalar-argument slots); more are split over launches
 SINGLE_CHUNK_MAX_C = 256       # up to this many channels the dq / dk accumulator is one on-chip tile
-MULTI_CHUNK_BLOCK_C = 128      # channel chunk beyond that
+MULTI_CHUNK_BLOCK_C = 128      # channel chunk beyond that (16-bit inputs)
+FP32_ON_CHIP_MAX_C = 32        # fp32 (3-pass tf32 products need ~3x the registers): on chip only up to 32 channels
+FP32_BLOCK_C = 32              # fp32 channel chunk beyond that
 SCALE_BLOCK = 1024             # elements per dq-scaling program
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -135,12 +142,12 @@ def _offsets(l, G, C0, C1, C2, C3, C4, C5, C6, C7, P0, P1, P2, P3, P4, P5, P6, P
 
 @triton.jit
 def _s_tile(q, q_ptr, k_ptr, grow, gcol, rmask, colmask, C,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NCHUNK: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ON_CHIP: tl.constexpr,
             FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
-    """S = Q[grow] K[gcol]^T (BLOCK_M, BLOCK_N) fp32, and the key tile of channel chunk 0 when NCHUNK == 1
-    (q: the resident query block then).  NCHUNK > 1: chunked over C, the query chunks reloaded."""
+    """S = Q[grow] K[gcol]^T (BLOCK_M, BLOCK_N) fp32.  ON_CHIP: q is the resident (BLOCK_M, BLOCK_C >= C) query
+    block and the key tile is returned for the second product; else chunked over C (query chunks reloaded)."""
     offs_c = tl.arange(0, BLOCK_C)
-    if NCHUNK == 1:
+    if ON_CHIP:
         k = tl.load(k_ptr + gcol[:, None] * C + offs_c[None, :], mask=colmask[:, None] & (offs_c < C)[None, :],
                     other=0.0)  # (BLOCK_N, BLOCK_C)
         s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), FP32_DOT, UPCAST)  # (BLOCK_M, BLOCK_C) x (BLOCK_C, BLOCK_N)
@@ -158,18 +165,18 @@ def _s_tile(q, q_ptr, k_ptr, grow, gcol, rmask, colmask, C,
 
 
 # ----------------------------------------------------------------------------------------------- forward
-@triton.jit
+@triton.jit(do_not_specialize=["G", "max_rb"])
 def _patchnce_fwd_kernel(Q0, Q1, Q2, Q3, Q4, Q5, Q6, Q7, K0, K1, K2, K3, K4, K5, K6, K7,
                          C0, C1, C2, C3, C4, C5, C6, C7, P0, P1, P2, P3, P4, P5, P6, P7,
                          G, max_rb, tau_ptr, tau_val, part_ptr, dpart_ptr, lse_ptr, gq_ptr, mean_div,
                          TAU_PTR: tl.constexpr, NEED_DQ: tl.constexpr, NEED_LSE: tl.constexpr, NEED_DT: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NCHUNK: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ON_CHIP: tl.constexpr,
                          FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
-    """Program (layer, group, row block[, channel chunk]): loss partial, lse, gq = (sum_j P_ij k_j - k_i) / tau,
-    dtau partial.  Grid: (L * max_rb * NCHUNK,), max_rb = max_l G cdiv(n_l, BLOCK_M); idle slots store 0."""
-    pid = tl.program_id(0)
-    cc = pid % NCHUNK
-    slot = pid // NCHUNK
+    """Program (layer, group, row block): loss partial, lse, gq = (sum_j P_ij k_j - k_i) / tau, dtau partial.
+    Grid: (L * max_rb,), max_rb = max_l G cdiv(n_l, BLOCK_M); idle slots store 0.
+    ON_CHIP: the (BLOCK_M, BLOCK_C >= C) accumulator O lives in registers.  Else O is kept, unnormalised, in this
+    program's own rows of gq (fp32) and rescaled there chunk by chunk (read-modify-write, a CTA barrier per tile)."""
+    slot = tl.program_id(0)
     layer = slot // max_rb
     rb = slot % max_rb
     C = _sel(layer, C0, C1, C2, C3, C4, C5, C6, C7)
@@ -191,11 +198,10 @@ def _patchnce_fwd_kernel(Q0, Q1, Q2, Q3, Q4, Q5, Q6, Q7, K0, K1, K2, K3, K4, K5,
         ax = tl.zeros((BLOCK_M,), tl.float32) + fill2          # sum exp(x2 - m) x2 (for dtau)
         pos = tl.zeros((BLOCK_M,), tl.float32)                 # x2_ii
         offs_c = tl.arange(0, BLOCK_C)
-        ch = cc * BLOCK_C + offs_c                             # this program's channels of gq
-        chmask = ch < C
+        grow_c = eloff + grow[:, None] * C                     # row starts in the flat gq buffer
         acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-        if NCHUNK == 1:
-            q = tl.load(q_ptr + grow[:, None] * C + offs_c[None, :], mask=rmask[:, None] & chmask[None, :],
+        if ON_CHIP:
+            q = tl.load(q_ptr + grow[:, None] * C + offs_c[None, :], mask=rmask[:, None] & (offs_c < C)[None, :],
                         other=0.0)  # (BLOCK_M, BLOCK_C), resident
         else:
             q = tl.zeros((BLOCK_M, BLOCK_C), q_ptr.dtype.element_ty)  # unused
@@ -203,7 +209,7 @@ def _patchnce_fwd_kernel(Q0, Q1, Q2, Q3, Q4, Q5, Q6, Q7, K0, K1, K2, K3, K4, K5,
             cols = c0 + tl.arange(0, BLOCK_N)
             colmask = cols < n
             gcol = grp * n + cols
-            s, k = _s_tile(q, q_ptr, k_ptr, grow, gcol, rmask, colmask, C, BLOCK_M, BLOCK_N, BLOCK_C, NCHUNK,
+            s, k = _s_tile(q, q_ptr, k_ptr, grow, gcol, rmask, colmask, C, BLOCK_M, BLOCK_N, BLOCK_C, ON_CHIP,
                            FP32_DOT, UPCAST)
             x = tl.where(colmask[None, :], s * s2, float("-inf"))
             pos += tl.sum(tl.where(cols[None, :] == rows[:, None], x, 0.0), 1)
@@ -214,51 +220,65 @@ def _patchnce_fwd_kernel(Q0, Q1, Q2, Q3, Q4, Q5, Q6, Q7, K0, K1, K2, K3, K4, K5,
             if NEED_DT:
                 ax = ax * alpha + tl.sum(p * tl.where(colmask[None, :], x, 0.0), 1)
             if NEED_DQ:
-                if NCHUNK > 1:
-                    k = tl.load(k_ptr + gcol[:, None] * C + ch[None, :], mask=colmask[:, None] & chmask[None, :],
-                                other=0.0)  # (BLOCK_N, BLOCK_C) of this chunk
-                acc = acc * alpha[:, None]
-                acc = _dot(p.to(k.dtype), k, acc, FP32_DOT, UPCAST)  # (BLOCK_M, BLOCK_N) x (BLOCK_N, BLOCK_C)
+                if ON_CHIP:
+                    acc = acc * alpha[:, None]
+                    acc = _dot(p.to(k.dtype), k, acc, FP32_DOT, UPCAST)  # (BLOCK_M, BLOCK_N) x (BLOCK_N, BLOCK_C)
+                else:
+                    for cc0 in range(0, C, BLOCK_C):
+                        ch = cc0 + offs_c
+                        om = rmask[:, None] & (ch < C)[None, :]
+                        o = tl.load(gq_ptr + grow_c + ch[None, :], mask=om & (c0 > 0), other=0.0)
+                        kc = tl.load(k_ptr + gcol[:, None] * C + ch[None, :], mask=colmask[:, None] & (ch < C)[None, :],
+                                     other=0.0)  # (BLOCK_N, BLOCK_C)
+                        o = _dot(p.to(kc.dtype), kc, o * alpha[:, None], FP32_DOT, UPCAST)  # (BLOCK_M, BLOCK_N) x (BLOCK_N, BLOCK_C)
+                        tl.store(gq_ptr + grow_c + ch[None, :], o, mask=om)
+                    tl.debug_barrier()  # the next tile's loads read these rows from other threads of the CTA
             m = m_new
         if NEED_DQ:
-            kd = tl.load(k_ptr + grow[:, None] * C + ch[None, :], mask=rmask[:, None] & chmask[None, :],
-                         other=0.0).to(tl.float32)  # the positives k_i
-            gq = (acc / l[:, None] - kd) * inv_tau
-            tl.store(gq_ptr + eloff + grow[:, None] * C + ch[None, :], gq, mask=rmask[:, None] & chmask[None, :])
-        if cc == 0:
-            lse2 = m + tl.log2(l)
-            loss = (lse2 - pos) * LN2
-            wrow = 1.0 / (G * n * mean_div)
-            tl.store(part_ptr + slot, tl.sum(tl.where(rmask, loss, 0.0), 0) * wrow)
-            if NEED_LSE:
-                tl.store(lse_ptr + rowoff + grow, lse2 * LN2, mask=rmask)
-            if NEED_DT:
-                dlt = (ax / l - pos) * LN2
-                tl.store(dpart_ptr + slot, tl.sum(tl.where(rmask, dlt, 0.0), 0) * wrow)
+            if ON_CHIP:
+                cm = rmask[:, None] & (offs_c < C)[None, :]
+                kd = tl.load(k_ptr + grow[:, None] * C + offs_c[None, :], mask=cm, other=0.0).to(tl.float32)
+                tl.store(gq_ptr + grow_c + offs_c[None, :], (acc / l[:, None] - kd) * inv_tau, mask=cm)
+            else:
+                for cc0 in range(0, C, BLOCK_C):
+                    ch = cc0 + offs_c
+                    cm = rmask[:, None] & (ch < C)[None, :]
+                    o = tl.load(gq_ptr + grow_c + ch[None, :], mask=cm, other=0.0)
+                    kd = tl.load(k_ptr + grow[:, None] * C + ch[None, :], mask=cm, other=0.0).to(tl.float32)
+                    tl.store(gq_ptr + grow_c + ch[None, :], (o / l[:, None] - kd) * inv_tau, mask=cm)
+        lse2 = m + tl.log2(l)
+        loss = (lse2 - pos) * LN2
+        wrow = 1.0 / (G * n * mean_div)
+        tl.store(part_ptr + slot, tl.sum(tl.where(rmask, loss, 0.0), 0) * wrow)
+        if NEED_LSE:
+            tl.store(lse_ptr + rowoff + grow, lse2 * LN2, mask=rmask)
+        if NEED_DT:
+            dlt = (ax / l - pos) * LN2
+            tl.store(dpart_ptr + slot, tl.sum(tl.where(rmask, dlt, 0.0), 0) * wrow)
     else:
-        if cc == 0:
-            tl.store(part_ptr + slot, 0.0)
-            if NEED_DT:
-                tl.store(dpart_ptr + slot, 0.0)
+        tl.store(part_ptr + slot, 0.0)
+        if NEED_DT:
+            tl.store(dpart_ptr + slot, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------- backward
-@triton.jit
+@triton.jit(do_not_specialize=["G", "L", "max_cb", "n_dk", "total_elems"])
 def _patchnce_bwd_kernel(Q0, Q1, Q2, Q3, Q4, Q5, Q6, Q7, K0, K1, K2, K3, K4, K5, K6, K7,
                          C0, C1, C2, C3, C4, C5, C6, C7, P0, P1, P2, P3, P4, P5, P6, P7,
-                         G, L, max_cb, n_dk, total_elems, tau_ptr, tau_val, g_ptr, lse_ptr, gq_ptr, dq_ptr, dk_ptr, mean_div,
+                         G, L, max_cb, n_dk, total_elems, tau_ptr, tau_val, g_ptr, lse_ptr, gq_ptr, dq_ptr, dk_ptr,
+                         dkacc_ptr, mean_div,
                          TAU_PTR: tl.constexpr, MEAN: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DK: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NCHUNK: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ON_CHIP: tl.constexpr,
                          SCALE_BLOCK: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
-    """Programs [0, n_dk): dK of one (layer, group, block of BLOCK_N keys[, channel chunk]),
-    dk_j = w_l / tau sum_i (P_ij - [i = j]) q_i with P from the saved lse; n_dk = L max_cb NCHUNK (0 without
-    NEED_DK).  Programs [n_dk, ...): dq = w_l gq over SCALE_BLOCK elements of the flat gq buffer."""
+    """Programs [0, n_dk): dK of one (layer, group, block of BLOCK_N keys),
+    dk_j = w_l / tau sum_i (P_ij - [i = j]) q_i with P from the saved lse; n_dk = L max_cb (0 without NEED_DK).
+    ON_CHIP: the (BLOCK_N, BLOCK_C >= C) accumulator lives in registers; else in this program's rows of the fp32
+    ``dkacc`` buffer (read-modify-write, a CTA barrier per tile).  Programs [n_dk, ...): dq = w_l gq over
+    SCALE_BLOCK elements of the flat gq buffer."""
     pid = tl.program_id(0)
-    if pid < n_dk:
-        cc = pid % NCHUNK
-        slot = pid // NCHUNK
-        layer = slot // max_cb
-        cb = slot % max_cb
+    if NEED_DK and pid < n_dk:
+        layer = pid // max_cb
+        cb = pid % max_cb
         C = _sel(layer, C0, C1, C2, C3, C4, C5, C6, C7)
         n = _sel(layer, P0, P1, P2, P3, P4, P5, P6, P7)
         q_ptr = _sel(layer, Q0, Q1, Q2, Q3, Q4, Q5, Q6, Q7)
@@ -270,19 +290,18 @@ def _patchnce_bwd_kernel(Q0, Q1, Q2, Q3, Q4, Q5, Q6, Q7, K0, K1, K2, K3, K4, K5,
             cols = (cb % ncb) * BLOCK_N + tl.arange(0, BLOCK_N)   # keys, within the group
             colmask = cols < n
             gcol = grp * n + cols
+            gcol_c = eloff + gcol[:, None] * C
             inv_tau = _inv_tau(tau_ptr, tau_val, TAU_PTR)
             s2 = inv_tau * LOG2E
             offs_c = tl.arange(0, BLOCK_C)
-            ch = cc * BLOCK_C + offs_c
-            chmask = ch < C
             if MEAN:
                 g = tl.load(g_ptr).to(tl.float32)
             else:
                 g = tl.load(g_ptr + layer).to(tl.float32)
             w = g / (G * n * mean_div) * inv_tau
-            if NCHUNK == 1:
-                k = tl.load(k_ptr + gcol[:, None] * C + offs_c[None, :], mask=colmask[:, None] & chmask[None, :],
-                            other=0.0)  # (BLOCK_N, BLOCK_C), resident
+            if ON_CHIP:
+                k = tl.load(k_ptr + gcol[:, None] * C + offs_c[None, :],
+                            mask=colmask[:, None] & (offs_c < C)[None, :], other=0.0)  # (BLOCK_N, BLOCK_C), resident
             else:
                 k = tl.zeros((BLOCK_N, BLOCK_C), k_ptr.dtype.element_ty)  # unused
             acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
@@ -290,64 +309,73 @@ def _patchnce_bwd_kernel(Q0, Q1, Q2, Q3, Q4, Q5, Q6, Q7, K0, K1, K2, K3, K4, K5,
                 rows = r0 + tl.arange(0, BLOCK_M)
                 rmask = rows < n
                 grow = grp * n + rows
-                if NCHUNK == 1:
-                    qt = tl.load(q_ptr + grow[:, None] * C + offs_c[None, :], mask=rmask[:, None] & chmask[None, :],
-                                 other=0.0)  # (BLOCK_M, BLOCK_C)
-                    st = _dot(k, tl.trans(qt), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), FP32_DOT, UPCAST)  # (BLOCK_N, BLOCK_C) x (BLOCK_C, BLOCK_M)
-                else:
-                    st = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-                    for c0 in range(0, C, BLOCK_C):
-                        cm = (c0 + offs_c) < C
-                        ka = tl.load(k_ptr + gcol[:, None] * C + (c0 + offs_c)[None, :],
-                                     mask=colmask[:, None] & cm[None, :], other=0.0)  # (BLOCK_N, BLOCK_C)
-                        qa = tl.load(q_ptr + grow[:, None] * C + (c0 + offs_c)[None, :],
-                                     mask=rmask[:, None] & cm[None, :], other=0.0)  # (BLOCK_M, BLOCK_C)
-                        st = _dot(ka, tl.trans(qa), st, FP32_DOT, UPCAST)  # (BLOCK_N, BLOCK_C) x (BLOCK_C, BLOCK_M)
-                    qt = tl.load(q_ptr + grow[:, None] * C + ch[None, :], mask=rmask[:, None] & chmask[None, :],
-                                 other=0.0)  # (BLOCK_M, BLOCK_C) of this chunk
+                # S^T = K Q^T: the forward's tile with the roles swapped
+                st, qt = _s_tile(k, k_ptr, q_ptr, gcol, grow, colmask, rmask, C, BLOCK_N, BLOCK_M, BLOCK_C, ON_CHIP,
+                                 FP32_DOT, UPCAST)
                 lse2 = tl.load(lse_ptr + rowoff + grow, mask=rmask, other=0.0) * LOG2E
                 pt = tl.exp2(st * s2 - lse2[None, :])
                 pt = tl.where(rmask[None, :] & colmask[:, None], pt, 0.0)
                 dt = pt - (cols[:, None] == rows[None, :]).to(tl.float32)
-                acc = _dot(dt.to(qt.dtype), qt, acc, FP32_DOT, UPCAST)  # (BLOCK_N, BLOCK_M) x (BLOCK_M, BLOCK_C)
-            dk = acc * w
-            tl.store(dk_ptr + eloff + gcol[:, None] * C + ch[None, :], dk.to(dk_ptr.dtype.element_ty),
-                     mask=colmask[:, None] & chmask[None, :])
-    else:
-        if NEED_DQ:
-            e = (pid - n_dk).to(tl.int64) * SCALE_BLOCK + tl.arange(0, SCALE_BLOCK)
-            emask = e < total_elems
-            # layer of each element: count the layer boundaries (cumulative N_l C_l) at or below it
-            wv = tl.zeros((SCALE_BLOCK,), tl.float32)
-            bound = 0
-            for s in tl.static_range(8):
-                Cs = _sel(s, C0, C1, C2, C3, C4, C5, C6, C7)
-                ns = _sel(s, P0, P1, P2, P3, P4, P5, P6, P7)
-                if s < L:
-                    if MEAN:
-                        gs = tl.load(g_ptr).to(tl.float32)
-                    else:
-                        gs = tl.load(g_ptr + s).to(tl.float32)
-                    ws = gs / (G * ns * mean_div)
-                    inside = (e >= bound) & (e < bound + G * ns * Cs)
-                    wv = tl.where(inside, ws, wv)
-                bound += G * ns * Cs
-            gq = tl.load(gq_ptr + e, mask=emask, other=0.0)
-            tl.store(dq_ptr + e, (gq * wv).to(dq_ptr.dtype.element_ty), mask=emask)
+                if ON_CHIP:
+                    acc = _dot(dt.to(qt.dtype), qt, acc, FP32_DOT, UPCAST)  # (BLOCK_N, BLOCK_M) x (BLOCK_M, BLOCK_C)
+                else:
+                    for cc0 in range(0, C, BLOCK_C):
+                        ch = cc0 + offs_c
+                        om = colmask[:, None] & (ch < C)[None, :]
+                        a = tl.load(dkacc_ptr + gcol_c + ch[None, :], mask=om & (r0 > 0), other=0.0)
+                        qc = tl.load(q_ptr + grow[:, None] * C + ch[None, :], mask=rmask[:, None] & (ch < C)[None, :],
+                                     other=0.0)  # (BLOCK_M, BLOCK_C)
+                        a = _dot(dt.to(qc.dtype), qc, a, FP32_DOT, UPCAST)  # (BLOCK_N, BLOCK_M) x (BLOCK_M, BLOCK_C)
+                        tl.store(dkacc_ptr + gcol_c + ch[None, :], a, mask=om)
+                    tl.debug_barrier()
+            if ON_CHIP:
+                om = colmask[:, None] & (offs_c < C)[None, :]
+                tl.store(dk_ptr + gcol_c + offs_c[None, :], (acc * w).to(dk_ptr.dtype.element_ty), mask=om)
+            else:
+                for cc0 in range(0, C, BLOCK_C):
+                    ch = cc0 + offs_c
+                    om = colmask[:, None] & (ch < C)[None, :]
+                    a = tl.load(dkacc_ptr + gcol_c + ch[None, :], mask=om, other=0.0)
+                    tl.store(dk_ptr + gcol_c + ch[None, :], (a * w).to(dk_ptr.dtype.element_ty), mask=om)
+    if NEED_DQ and pid >= n_dk:
+        e = (pid - n_dk).to(tl.int64) * SCALE_BLOCK + tl.arange(0, SCALE_BLOCK)
+        emask = e < total_elems
+        # layer of each element: the slot whose range [cumulative N C before it, + N_s C_s) holds it
+        wv = tl.zeros((SCALE_BLOCK,), tl.float32)
+        bound = 0
+        for s in tl.static_range(8):
+            Cs = _sel(s, C0, C1, C2, C3, C4, C5, C6, C7)
+            ns = _sel(s, P0, P1, P2, P3, P4, P5, P6, P7)
+            if s < L:
+                if MEAN:
+                    gs = tl.load(g_ptr).to(tl.float32)
+                else:
+                    gs = tl.load(g_ptr + s).to(tl.float32)
+                ws = gs / (G * ns * mean_div)
+                inside = (e >= bound) & (e < bound + G * ns * Cs)
+                wv = tl.where(inside, ws, wv)
+            bound += G * ns * Cs
+        gq = tl.load(gq_ptr + e, mask=emask, other=0.0)
+        tl.store(dq_ptr + e, (gq * wv).to(dq_ptr.dtype.element_ty), mask=emask)
 
 
 # ----------------------------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (architecture, input precision, channel mode); the channel tile
-# BLOCK_C is next_pow2(C_max) (>= 16) up to SINGLE_CHUNK_MAX_C ("single": one on-chip accumulator tile), else
-# MULTI_CHUNK_BLOCK_C ("multi").  sm_90: 64-row tiles, so every product is a wgmma (m64).  sm_80: mma.sync.
-# Every entry compiles for its architecture without register spills (tests/test_aot_compile.py, AOT_CONFIGS).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (architecture, input precision, channel mode).  Channel modes:
+# "single": the accumulator is one on-chip (rows, BLOCK_C) tile, BLOCK_C = next_pow2(C_max) >= 16, up to
+# SINGLE_CHUNK_MAX_C channels for 16-bit inputs and FP32_ON_CHIP_MAX_C for fp32; "multi": read-modify-write of the
+# program's own fp32 rows in BLOCK_C chunks (MULTI_CHUNK_BLOCK_C, FP32_BLOCK_C).  sm_90: 64-row tiles, so every
+# product is a wgmma (m64); sm_80: mma.sync.  Every entry compiles without register spills
+# (tests/test_aot_compile.py; measured with ``python -m contrastgen.kernels._aot --arch 90 --pretty``).
 FWD_CONFIGS = {
-    (90, "16bit", "single"): (64, 64, 4, 2), (90, "fp32", "single"): (64, 32, 8, 2),
-    (90, "16bit", "multi"): (64, 64, 4, 2), (90, "fp32", "multi"): (64, 32, 8, 2),
-    (80, "16bit", "single"): (64, 64, 4, 2), (80, "fp32", "single"): (64, 32, 8, 1),
-    (80, "16bit", "multi"): (64, 64, 4, 2), (80, "fp32", "multi"): (64, 32, 8, 1),
+    (90, "16bit", "single"): (64, 64, 8, 2), (90, "16bit", "multi"): (64, 64, 8, 2),
+    (90, "fp32", "single"): (64, 32, 4, 2), (90, "fp32", "multi"): (64, 32, 4, 2),
+    (80, "16bit", "single"): (64, 64, 8, 2), (80, "16bit", "multi"): (64, 64, 8, 2),
+    (80, "fp32", "single"): (64, 32, 4, 2), (80, "fp32", "multi"): (64, 32, 4, 2),
 }
-BWD_CONFIGS = dict(FWD_CONFIGS)
+# key pass: its products have BLOCK_N rows, so 64 on sm_90 (BLOCK_N = 32 compiled to HMMA, not HGMMA); sm_80 fp32:
+# 4 warps spilled 32 bytes (255 registers), 8 warps use 166
+BWD_CONFIGS = {**FWD_CONFIGS, (90, "fp32", "single"): (64, 64, 8, 2), (90, "fp32", "multi"): (64, 64, 8, 2),
+               (80, "fp32", "single"): (64, 32, 8, 2), (80, "fp32", "multi"): (64, 32, 8, 2)}
 INTERPRET_TILE = (64, 64)       # few, large tiles keep the interpreter fast
 _PREC = {torch.float32: "fp32", torch.bfloat16: "16bit", torch.float16: "16bit"}
 
@@ -358,20 +386,22 @@ def _arch(device_index: int) -> int:
     return 90 if major >= 9 else 80
 
 
-def _block_c(c_max: int):
-    """(BLOCK_C, NCHUNK, mode) for the largest channel count of a launch."""
-    if c_max <= SINGLE_CHUNK_MAX_C:
-        return max(16, triton.next_power_of_2(c_max)), 1, "single"
-    return MULTI_CHUNK_BLOCK_C, triton.cdiv(c_max, MULTI_CHUNK_BLOCK_C), "multi"
+def _block_c(c_max: int, prec: str):
+    """(BLOCK_C, ON_CHIP, mode) for the largest channel count of a launch."""
+    on_chip_max = SINGLE_CHUNK_MAX_C if prec == "16bit" else FP32_ON_CHIP_MAX_C
+    if c_max <= on_chip_max:
+        return max(16, triton.next_power_of_2(c_max)), True, "single"
+    return (MULTI_CHUNK_BLOCK_C if prec == "16bit" else FP32_BLOCK_C), False, "multi"
 
 
 def _tiles(table, t: torch.Tensor, c_max: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_C, NCHUNK, num_warps, num_stages) for a launch on ``t``'s device."""
-    bc, nchunk, mode = _block_c(c_max)
+    """(BLOCK_M, BLOCK_N, BLOCK_C, ON_CHIP, num_warps, num_stages) for a launch on ``t``'s device."""
+    prec = _PREC[t.dtype]
+    bc, on_chip, mode = _block_c(c_max, prec)
     if _interpreting():
-        return (*INTERPRET_TILE, bc, nchunk, 4, 1)
-    bm, bn, w, s = table[(_arch(t.device.index or 0), _PREC[t.dtype], mode)]
-    return bm, bn, bc, nchunk, w, s
+        return (*INTERPRET_TILE, bc, on_chip, 4, 1)
+    bm, bn, w, s = table[(_arch(t.device.index or 0), prec, mode)]
+    return bm, bn, bc, on_chip, w, s
 
 
 def _dtype_flags(t: torch.Tensor):
@@ -418,6 +448,12 @@ def _chunks(L):
 
 
 # ----------------------------------------------------------------------------------------------- launchers
+def _out(n, dtype, dev, needed):
+    """An output buffer of n elements, or (not needed) a 1-element dummy: a real allocation, so that the kernel's
+    unused pointer argument is never null (the launcher checks pointers) and keeps its dtype (AOT_CONFIGS)."""
+    return torch.empty(n if needed else 1, dtype=dtype, device=dev)
+
+
 def patchnce_fwd(qs, ks, groups, tau, mean_layers, need_dq, need_lse, need_dt):
     """Fused PatchNCE forward over every layer.
 
@@ -433,24 +469,26 @@ def patchnce_fwd(qs, ks, groups, tau, mean_layers, need_dq, need_lse, need_dt):
     flags = _dtype_flags(qs[0])
     tau_t, tau_v, tau_flag = _tau_args(tau, dev)
     c_max = max(q.shape[1] for q in qs)
-    bm, bn, bc, nchunk, w, s = _tiles(FWD_CONFIGS, qs[0], c_max)
+    bm, bn, bc, on_chip, w, s = _tiles(FWD_CONFIGS, qs[0], c_max)
     max_rb = max(groups * triton.cdiv(q.shape[0] // groups, bm) for q in qs)
-    part = torch.empty(L, max_rb, dtype=torch.float32, device=dev)
-    dpart = torch.empty(L, max_rb, dtype=torch.float32, device=dev) if need_dt else part.new_empty(0)
-    n_rows = sum(q.shape[0] for q in qs)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=dev) if need_lse else part.new_empty(0)
-    gq = torch.empty(sum(q.numel() for q in qs), dtype=torch.float32, device=dev) if need_dq else part.new_empty(0)
+    f32 = torch.float32
+    part = torch.empty(L, max_rb, dtype=f32, device=dev)
+    dpart = _out(L * max_rb, f32, dev, need_dt).view(-1, max_rb) if need_dt else _out(0, f32, dev, False)
+    lse = _out(sum(q.shape[0] for q in qs), f32, dev, need_lse)
+    gq = _out(sum(q.numel() for q in qs), f32, dev, need_dq)
     row0 = el0 = 0
     for a, b in _chunks(L):
         q_args, k_args, c_args, n_args = _slots(qs[a:b], ks[a:b], groups)
-        _patchnce_fwd_kernel[((b - a) * max_rb * nchunk,)](
-            *q_args, *k_args, *c_args, *n_args, groups, max_rb, tau_t if tau_flag else part, tau_v, part[a:], dpart[a:] if need_dt else dpart,
-            lse[row0:] if need_lse else lse, gq[el0:] if need_dq else gq, float(L if mean_layers else 1),
-            TAU_PTR=tau_flag, NEED_DQ=need_dq, NEED_LSE=need_lse, NEED_DT=need_dt, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, NCHUNK=nchunk,
-            num_warps=w, num_stages=s, **flags)
+        _patchnce_fwd_kernel[((b - a) * max_rb,)](
+            *q_args, *k_args, *c_args, *n_args, groups, max_rb, tau_t if tau_flag else part, tau_v, part[a:],
+            dpart[a:] if need_dt else dpart, lse[row0:] if need_lse else lse, gq[el0:] if need_dq else gq,
+            float(L if mean_layers else 1),
+            TAU_PTR=tau_flag, NEED_DQ=need_dq, NEED_LSE=need_lse, NEED_DT=need_dt, BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_C=bc, ON_CHIP=on_chip, num_warps=w, num_stages=s, **flags)
         row0 += sum(q.shape[0] for q in qs[a:b])
         el0 += sum(q.numel() for q in qs[a:b])
-    return part, dpart, lse, gq
+    return (part, dpart if need_dt else part.new_empty(0), lse if need_lse else part.new_empty(0),
+            gq if need_dq else part.new_empty(0))
 
 
 def patchnce_bwd(grad, qs, ks, groups, tau, mean_layers, lse, gq, need_dq, need_dk, q_dtype, k_dtype):
@@ -465,26 +503,88 @@ def patchnce_bwd(grad, qs, ks, groups, tau, mean_layers, lse, gq, need_dq, need_
     tau_t, tau_v, tau_flag = _tau_args(tau, dev)
     g = grad.detach().reshape(-1).to(device=dev, dtype=torch.float32).contiguous()
     c_max = max(q.shape[1] for q in qs)
-    bm, bn, bc, nchunk, w, s = _tiles(BWD_CONFIGS, qs[0], c_max)
+    bm, bn, bc, on_chip, w, s = _tiles(BWD_CONFIGS, qs[0], c_max)
     max_cb = max(groups * triton.cdiv(q.shape[0] // groups, bn) for q in qs)
     total = sum(q.numel() for q in qs)
-    kern_q = qs[0].dtype
-    dq = torch.empty(total, dtype=kern_q, device=dev) if need_dq else qs[0].new_empty(0)
-    dk = torch.empty(total, dtype=ks[0].dtype, device=dev) if need_dk else qs[0].new_empty(0)
+    dq = _out(total, qs[0].dtype, dev, need_dq)
+    dk = _out(total, ks[0].dtype, dev, need_dk)
+    dkacc = _out(total, torch.float32, dev, need_dk and not on_chip)   # the "multi" mode's fp32 accumulator
+    lse = lse if need_dk else _out(0, torch.float32, dev, False)
+    gq = gq if need_dq else _out(0, torch.float32, dev, False)
     row0 = el0 = 0
     for a, b in _chunks(L):
         q_args, k_args, c_args, n_args = _slots(qs[a:b], ks[a:b], groups)
         elems = sum(q.numel() for q in qs[a:b])
-        n_dk = (b - a) * max_cb * nchunk if need_dk else 0
+        n_dk = (b - a) * max_cb if need_dk else 0
         n_scale = triton.cdiv(elems, SCALE_BLOCK) if need_dq else 0
-        if n_dk + n_scale == 0:
-            continue
-        _patchnce_bwd_kernel[(n_dk + n_scale,)](
-            *q_args, *k_args, *c_args, *n_args, groups, b - a, max_cb, n_dk, elems, tau_t if tau_flag else g, tau_v,
-            g if mean_layers else g[a:], lse[row0:] if need_dk else lse, gq[el0:] if need_dq else gq,
-            dq[el0:] if need_dq else dq, dk[el0:] if need_dk else dk, float(L if mean_layers else 1),
-            TAU_PTR=tau_flag, MEAN=mean_layers, NEED_DQ=need_dq, NEED_DK=need_dk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, NCHUNK=nchunk,
-            SCALE_BLOCK=SCALE_BLOCK, num_warps=w, num_stages=s, **flags)
+        if n_dk + n_scale > 0:
+            _patchnce_bwd_kernel[(n_dk + n_scale,)](
+                *q_args, *k_args, *c_args, *n_args, groups, b - a, max_cb, n_dk, elems, tau_t if tau_flag else g,
+                tau_v, g if mean_layers else g[a:], lse[row0:] if need_dk else lse, gq[el0:] if need_dq else gq,
+                dq[el0:] if need_dq else dq, dk[el0:] if need_dk else dk,
+                dkacc[el0:] if (need_dk and not on_chip) else dkacc, float(L if mean_layers else 1),
+                TAU_PTR=tau_flag, MEAN=mean_layers, NEED_DQ=need_dq, NEED_DK=need_dk, BLOCK_M=bm, BLOCK_N=bn,
+                BLOCK_C=bc, ON_CHIP=on_chip, SCALE_BLOCK=SCALE_BLOCK, num_warps=w, num_stages=s, **flags)
         row0 += sum(q.shape[0] for q in qs[a:b])
         el0 += elems
-    return dq.to(q_dtype), dk.to(k_dtype)
+    dq = dq.to(q_dtype) if need_dq else dq.new_empty(0, dtype=q_dtype)
+    dk = dk.to(k_dtype) if need_dk else dk.new_empty(0, dtype=k_dtype)
+    return dq, dk
+
+
+# ----------------------------------------------------------------------------------------------- AOT list
+# The specializations the launchers build for the benchmark shapes (benches/cases.py: patch_nce, patch_nce/minibatch,
+# patch_nce/key_grads, patch_nce/i2i): a float temperature (TAU_PTR=False), every channel count and group size a
+# multiple of 16 (the unused slots pass 0), the loss averaged over layers (MEAN); C_max = 256 -> the "single"
+# channel tile 256, C_max = 1280 (i2i, UNet decoder features) -> "multi".  G, max_rb, L, max_cb, n_dk, total_elems
+# are not specialised (do_not_specialize), so one compiled kernel serves every batch size.
+_TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_MOD = __name__
+
+
+def _signature(fn, dt, grad_dt=None):
+    names = list(fn.arg_names)
+    sig = {}
+    for a in names:
+        if a[0] in "QK" and a[1:].isdigit():
+            sig[a] = f"*{dt}"
+        elif a in ("dq_ptr", "dk_ptr"):  # outputs in the input dtype
+            sig[a] = f"*{grad_dt or dt}"
+        elif a.endswith("_ptr"):
+            sig[a] = "*fp32"
+        elif a in ("tau_val", "mean_div"):
+            sig[a] = "fp32"
+        else:
+            sig[a] = "i32"
+    return sig
+
+
+def _aot_configs():
+    out = []
+    slots = tuple(f"{p}{i}" for p in "CP" for i in range(MAX_LAYERS))
+    seen = set()
+    for arch in (80, 90):
+        for dt, torch_dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            prec = _PREC[torch_dt]
+            base = {"TAU_PTR": False, "FP32_DOT": dt == "fp32", "UPCAST": False}
+            for c_max, key_grads in ((256, False), (256, True), (1280, False)):   # CUT / SinCUT, key_grads, i2i
+                if c_max == 1280 and dt == "fp16":
+                    continue
+                bc, on_chip, mode = _block_c(c_max, prec)
+                if (arch, dt, bc, on_chip, key_grads) in seen:
+                    continue
+                seen.add((arch, dt, bc, on_chip, key_grads))
+                for fn, table, cx in (
+                        (_patchnce_fwd_kernel, FWD_CONFIGS, {"NEED_DQ": True, "NEED_LSE": key_grads, "NEED_DT": False}),
+                        (_patchnce_bwd_kernel, BWD_CONFIGS, {"MEAN": True, "NEED_DQ": True, "NEED_DK": key_grads,
+                                                             "SCALE_BLOCK": SCALE_BLOCK})):
+                    bm, bn, w, s = table[(arch, prec, mode)]
+                    cx = {**base, **cx, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc, "ON_CHIP": on_chip}
+                    sig = _signature(fn, dt)
+                    sig.update({k: "constexpr" for k in cx})
+                    out.append(AotConfig(f"{_MOD}:{fn.fn.__name__ if hasattr(fn, 'fn') else fn.__name__}", sig, cx,
+                                         w, s, divisible_by_16=slots, archs=(arch,)))
+    return out
+
+
+AOT_CONFIGS = _aot_configs()

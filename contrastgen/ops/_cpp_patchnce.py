@@ -68,14 +68,20 @@ def patchnce_fwd(qs, ks, groups, tau, mean_layers, need_dq, need_lse, need_dt):
 
 def patchnce_bwd(grad, qs, ks, groups, tau, mean_layers, lse, gq, need_dq, need_dk, q_dtype, k_dtype):
     """Fused PatchNCE backward: (dq flat (sum N_l C_l,) in ``q_dtype`` or (0,), dk flat in ``k_dtype`` or (0,))."""
-    ext = _need_ext()
-    qf, kf, acc = _inputs(qs, ks)
-    L = len(qf)
+    L = len(qs)
     g = grad.detach().to(torch.float64).reshape(-1)
     if mean_layers:
         g = g.expand(L) / L
-    w = (g / torch.tensor([float(q.shape[0]) for q in qf], dtype=torch.float64)).contiguous()
-    sizes = [q.numel() for q in qf]
+    w = (g / torch.tensor([float(q.shape[0]) for q in qs], dtype=torch.float64)).contiguous()
+    sizes = [q.numel() for q in qs]
+    if not need_dk:   # the CUT default: dq_l = w_l gq_l, one multiply per layer (no extension call, no conversions)
+        acc = gq.dtype
+        dq = torch.empty(sum(sizes), dtype=acc)
+        for a, b, wl in zip(torch.split(gq, sizes), torch.split(dq, sizes), w.tolist()):
+            torch.mul(a, wl, out=b)
+        return dq.to(q_dtype), torch.empty(0, dtype=k_dtype)
+    ext = _need_ext()
+    qf, kf, acc = _inputs(qs, ks)
     dq = torch.empty(sum(sizes), dtype=acc) if need_dq else torch.empty(0, dtype=acc)
     dk = torch.empty(sum(sizes), dtype=acc) if need_dk else torch.empty(0, dtype=acc)
 
