@@ -65,7 +65,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     out = D.run(tmp_path, train_steps=3, batch=4, width=16, scenes=2, steps=3, strong_step_size=1.0,
                 model_cache=str(tmp_path / "model.pt"), log=None)
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["rates"].keys() == {"unguided", "guided", "guided_strong"}
+    assert data["rates"].keys() == {"unguided", "guided", "attention_only", "guided_strong"}
     assert len(data["edits"]) == 2 and 0.0 <= data["rates"]["guided"]["success"] <= 1.0
     for f in data["files"]:
         assert (tmp_path / f).stat().st_size > 0
