@@ -394,14 +394,20 @@ def _block_c(c_max: int, prec: str):
     return (MULTI_CHUNK_BLOCK_C if prec == "16bit" else FP32_BLOCK_C), False, "multi"
 
 
-def _tiles(table, t: torch.Tensor, c_max: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_C, ON_CHIP, num_warps, num_stages) for a launch on ``t``'s device."""
-    prec = _PREC[t.dtype]
+def launch_tiles(table, arch: int, dtype: torch.dtype, c_max: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_C, ON_CHIP, num_warps, num_stages) the launchers use on ``arch`` (80 or 90) for
+    inputs of ``dtype`` whose largest layer has ``c_max`` channels (``table``: FWD_CONFIGS or BWD_CONFIGS)."""
+    prec = _PREC[dtype]
     bc, on_chip, mode = _block_c(c_max, prec)
-    if _interpreting():
-        return (*INTERPRET_TILE, bc, on_chip, 4, 1)
-    bm, bn, w, s = table[(_arch(t.device.index or 0), prec, mode)]
+    bm, bn, w, s = table[(arch, prec, mode)]
     return bm, bn, bc, on_chip, w, s
+
+
+def _tiles(table, t: torch.Tensor, c_max: int):
+    if _interpreting():
+        bc, on_chip, _ = _block_c(c_max, _PREC[t.dtype])
+        return (*INTERPRET_TILE, bc, on_chip, 4, 1)
+    return launch_tiles(table, _arch(t.device.index or 0), t.dtype, c_max)
 
 
 def _dtype_flags(t: torch.Tensor):
@@ -570,7 +576,7 @@ def _aot_configs():
             for c_max, key_grads in ((256, False), (256, True), (1280, False)):   # CUT / SinCUT, key_grads, i2i
                 if c_max == 1280 and dt == "fp16":
                     continue
-                bc, on_chip, mode = _block_c(c_max, prec)
+                bc, on_chip, _ = _block_c(c_max, prec)
                 if (arch, dt, bc, on_chip, key_grads) in seen:
                     continue
                 seen.add((arch, dt, bc, on_chip, key_grads))
@@ -578,7 +584,7 @@ def _aot_configs():
                         (_patchnce_fwd_kernel, FWD_CONFIGS, {"NEED_DQ": True, "NEED_LSE": key_grads, "NEED_DT": False}),
                         (_patchnce_bwd_kernel, BWD_CONFIGS, {"MEAN": True, "NEED_DQ": True, "NEED_DK": key_grads,
                                                              "SCALE_BLOCK": SCALE_BLOCK})):
-                    bm, bn, w, s = table[(arch, prec, mode)]
+                    bm, bn, bc, on_chip, w, s = launch_tiles(table, arch, torch_dt, c_max)
                     cx = {**base, **cx, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc, "ON_CHIP": on_chip}
                     sig = _signature(fn, dt)
                     sig.update({k: "constexpr" for k in cx})
