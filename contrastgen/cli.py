@@ -1,4 +1,4 @@
-"""The ``contrastgen`` command (also ``python -m contrastgen``): bench, demo, env, conform, --version."""
+"""The ``contrastgen`` command (also ``python -m contrastgen``): bench, demo, env, conform, edit, --version."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,16 @@ def _dispersive_demo():
 def _conform_demo():
     from .methods import conform_demo
     return conform_demo
+
+
+def _cut_demo():
+    from .methods import cut_demo
+    return cut_demo
+
+
+def _i2i_demo():
+    from .methods import i2i_demo
+    return i2i_demo
 
 
 def _unclip_demo():
@@ -55,6 +65,11 @@ DEMOS: Dict[str, Tuple[str, Callable]] = {
                    _dispersive_demo),
     "conform": ("CONFORM: train a tiny text-conditional UNet on drawn two-shape scenes, generate with and without "
                 "CONFORM guidance, score object presence and colour binding", _conform_demo),
+    "cut": ("CUT: unpaired translation of 8x8 digits to a restyled domain with and without PatchNCE; content "
+            "accuracy and Frechet distance", _cut_demo),
+    "i2i": ("pix2pix-zeroCon: edit one attribute of drawn scenes with contrastive-guided DDIM editing on a tiny "
+            "trained model; structure preservation and edit success", _i2i_demo),
+    "edit": ("alias of i2i", _i2i_demo),
     "unclip": ("DALL-E 2: a tiny two-tower CLIP, then a diffusion prior on its embeddings; retrieval accuracy",
                _unclip_demo),
     "tulip": ("TULIP: SigLIP image-text plus image-image / text-text view terms on a tiny CLIP", _tulip_demo),
@@ -71,6 +86,7 @@ EPILOG = """commands:
   bench plot RUN.json   redraw the plot of a saved run
   demo NAME [OPTIONS]   run a demo (contrastgen demo --help lists them)
   conform [OPTIONS]     CONFORM-guided Stable Diffusion from local weights (contrastgen conform --help)
+  edit [OPTIONS]        contrastive-guided image editing from local weights (contrastgen edit --help)
   env                   versions, CPU features, CUDA devices and which backends are available (and why not)
 
 examples:
@@ -81,11 +97,11 @@ examples:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="contrastgen", usage="contrastgen [-h] [--version] {bench,demo,conform,env} ...",
+    p = argparse.ArgumentParser(prog="contrastgen", usage="contrastgen [-h] [--version] {bench,demo,conform,edit,env} ...",
                                 description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="store_true", help="print the version and exit")
-    p.add_argument("command", nargs="?", choices=["bench", "demo", "conform", "env"], help=argparse.SUPPRESS)
+    p.add_argument("command", nargs="?", choices=["bench", "demo", "conform", "edit", "env"], help=argparse.SUPPRESS)
     return p
 
 
@@ -226,7 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     if not argv:
         parser.print_usage(sys.stderr)
-        print("contrastgen: a command is needed (bench, demo, conform, env); contrastgen --help for more", file=sys.stderr)
+        print("contrastgen: a command is needed (bench, demo, conform, edit, env); contrastgen --help for more", file=sys.stderr)
         return 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "bench":
@@ -238,6 +254,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cmd == "conform":
         from .methods.conform import cli_main
         return cli_main(rest)
+    if cmd == "edit":
+        from .methods.i2i import cli_main as edit_main
+        return edit_main(rest)
     args = parser.parse_args(argv)          # --help, --version, or an error (exit 2 with usage)
     if args.version:
         print(f"contrastgen {_version()}")

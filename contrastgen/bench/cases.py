@@ -294,20 +294,6 @@ def make_uniformity(s, dtype, device):
     return Inputs((_randn((s["N"], s["D"]), dtype, device, normalize=True, seed=1),), {"t": 2.0}, [])
 
 
-def make_patch_nce(minibatch):
-    def make(s, dtype, device):
-        b, p, c, layers = s["B"], s["P"], s["C"], s["L"]
-        qs = [_randn((b, p, c), dtype, device, normalize=True, seed=10 + i) for i in range(layers)]
-        ks = [_randn((b, p, c), dtype, device, normalize=True, grad=False, seed=20 + i) for i in range(layers)]
-        return Inputs((qs, ks), {"temperature": 0.07, "all_negatives_from_minibatch": minibatch}, [])
-
-    def with_list_grads(s, dtype, device):
-        inp = make(s, dtype, device)
-        inp.grads = list(inp.args[0])
-        return inp
-    return with_list_grads
-
-
 def make_attention_nce(s, dtype, device):
     b, h = s["B"], s["H"]
     g = torch.Generator().manual_seed(1)
@@ -349,13 +335,6 @@ def _gram_flops(s, mode):
     return _mode(mode, g, 2 * g)
 
 
-def _patch_flops(s, mode):
-    group = s["B"] * s["P"] if s.get("minibatch") else s["P"]
-    groups = 1 if s.get("minibatch") else s["B"]
-    g = 2.0 * groups * group * group * s["C"] * s["L"]
-    return _mode(mode, g, 2 * g)
-
-
 def _dispersive_traffic(s, mode, itemsize):
     z = s["B"] * s["M"] * itemsize
     return _mode(mode, z, 2 * z)
@@ -364,6 +343,80 @@ def _dispersive_traffic(s, mode, itemsize):
 def _nn_bytes(n, m, k=8):
     """A dense reference keeps a few N x M fp32 buffers alive (logits, softmax, masks, grads)."""
     return k * 4.0 * n * m
+
+
+# --------------------------------------------------------------------------- PatchNCE cases (self-contained block)
+# CUT: 5 layers x B*256 patches x C = 256 after the MLP head, per-image negatives, keys detached (the CUT default);
+# SinCUT: all-minibatch negatives (one group of B*P patches); key_grads: detach_key=False; i2i: the guidance use of
+# issue 14 (UNet decoder features of different channel counts, 256 shared patches, no MLP, keys detached).
+# FLOPs (minimum work, every provider): with G = 2 groups n^2 sum_l C_l the product S = Q K^T of all layers,
+# fwd G, bwd G (dQ = dS K), fwd+bwd 2G; with key gradients bwd 2G (+ dK = dS^T Q).  The fused kernels do exactly
+# that without key gradients (the forward computes loss and dq, 2G; the backward scales dq); with key gradients
+# the backward recomputes S once more (3G + 2G).
+PATCH_I2I_CHANNELS = {"sd": [1280, 1280, 640, 320], "small": [320, 320, 160, 64]}
+
+
+def _patch_channels(s):
+    return PATCH_I2I_CHANNELS[s["C"]] if isinstance(s["C"], str) else [s["C"]] * s["L"]
+
+
+def make_patch_nce(minibatch, key_grads=False):
+    def make(s, dtype, device):
+        b, p = s["B"], s["P"]
+        chans = _patch_channels(s)
+        qs = [_randn((b, p, c), dtype, device, normalize=True, seed=10 + i) for i, c in enumerate(chans)]
+        ks = [_randn((b, p, c), dtype, device, normalize=True, grad=key_grads, seed=20 + i)
+              for i, c in enumerate(chans)]
+        return Inputs((qs, ks), {"temperature": 0.07, "all_negatives_from_minibatch": minibatch,
+                                 "detach_key": not key_grads}, [])
+
+    def with_list_grads(s, dtype, device):
+        inp = make(s, dtype, device)
+        inp.grads = list(inp.args[0]) + (list(inp.args[1]) if key_grads else [])
+        return inp
+    return with_list_grads
+
+
+def _patch_groups(s):
+    return (1, s["B"] * s["P"]) if s.get("minibatch") else (s["B"], s["P"])
+
+
+def _patch_flops(key_grads=False):
+    def flops(s, mode):
+        groups, n = _patch_groups(s)
+        g = 2.0 * groups * n * n * sum(_patch_channels(s))
+        return _mode(mode, g, 2 * g if key_grads else g)
+    return flops
+
+
+def _patch_dense_bytes(s):
+    """The dense reference keeps ~6 fp32 (groups n x n) buffers per layer alive for its backward (logits, the
+    masked copy, the concatenated logits, log-softmax, and their gradients)."""
+    groups, n = _patch_groups(s)
+    return 24.0 * groups * n * n * len(_patch_channels(s))
+
+
+def _patch_nce_specs(R) -> List[OpSpec]:
+    def cut(bs):
+        return [{"B": b, "P": 256, "C": 256, "L": 5} for b in bs]
+
+    def sincut(bs, layers):
+        return [{"B": b, "P": 256, "C": 256, "L": layers, "minibatch": 1} for b in bs]
+    return [
+        OpSpec("patch_nce", "patch_nce", "patch_nce", make_patch_nce(False), R.patch_nce_ref,
+               {"quick": cut((1, 4)), "cpu": cut((1, 4, 16)), "cuda": cut((1, 4, 16, 32))},
+               {"B": 2, "P": 40, "C": 24, "L": 2}, "B", _patch_flops(), None, _patch_dense_bytes),
+        OpSpec("patch_nce/minibatch", "patch_nce", "patch_nce", make_patch_nce(True), R.patch_nce_ref,
+               {"quick": sincut((4,), 1), "cpu": sincut((4, 16, 64), 1), "cuda": sincut((16, 64, 256), 5)},
+               {"B": 2, "P": 40, "C": 24, "L": 2, "minibatch": 1}, "B", _patch_flops(), None, _patch_dense_bytes),
+        OpSpec("patch_nce/key_grads", "patch_nce", "patch_nce", make_patch_nce(False, True), R.patch_nce_ref,
+               {"quick": cut((1,)), "cpu": cut((1, 4)), "cuda": cut((1, 4, 16))},
+               {"B": 2, "P": 40, "C": 24, "L": 2}, "B", _patch_flops(True), None, _patch_dense_bytes),
+        OpSpec("patch_nce/i2i", "patch_nce", "patch_nce", make_patch_nce(False), R.patch_nce_ref,
+               {"quick": [{"B": 1, "P": 256, "C": "small"}], "cpu": [{"B": 1, "P": 256, "C": "sd"}],
+                "cuda": [{"B": b, "P": 256, "C": "sd"} for b in (1, 4)]},
+               {"B": 1, "P": 40, "C": "small"}, "B", _patch_flops(), None, _patch_dense_bytes),
+    ]
 
 
 # --------------------------------------------------------------------------- the registry
@@ -434,18 +487,6 @@ def _specs() -> List[OpSpec]:
                 "cuda": [{"N": n, "D": 128} for n in (4096, 16384, 65536)]},
                {"N": 67, "D": 24}, "N", _gram_flops, None, lambda s: _nn_bytes(s["N"], s["N"], 10),
                {"keops": peer_keops_uniformity}),
-        OpSpec("patch_nce", "patch_nce", "patch_nce", make_patch_nce(False), R.patch_nce_ref,
-               {"quick": [{"B": 1, "P": 256, "C": 256, "L": 5}, {"B": 4, "P": 256, "C": 256, "L": 5}],
-                "cpu": [{"B": b, "P": 256, "C": 256, "L": 5} for b in (1, 4, 16)],
-                "cuda": [{"B": b, "P": 256, "C": 256, "L": 5} for b in (1, 8, 32)]},
-               {"B": 2, "P": 40, "C": 24, "L": 2}, "B", _patch_flops, None,
-               lambda s: _nn_bytes(s["B"] * s["P"], s["P"], 4 * s["L"])),
-        OpSpec("patch_nce/minibatch", "patch_nce", "patch_nce", make_patch_nce(True), R.patch_nce_ref,
-               {"quick": [{"B": 4, "P": 256, "C": 256, "L": 1, "minibatch": 1}],
-                "cpu": [{"B": b, "P": 256, "C": 256, "L": 5, "minibatch": 1} for b in (4, 16)],
-                "cuda": [{"B": b, "P": 256, "C": 256, "L": 5, "minibatch": 1} for b in (8, 32, 128)]},
-               {"B": 2, "P": 40, "C": 24, "L": 2, "minibatch": 1}, "B", _patch_flops, None,
-               lambda s: _nn_bytes(s["B"] * s["P"], s["B"] * s["P"], 4 * s["L"])),
         OpSpec("attention_nce", "attention_nce", "attention_nce", make_attention_nce, R.attention_nce_ref,
                {"quick": [{"B": 1, "H": 16}, {"B": 4, "H": 16}],
                 "cpu": [{"B": b, "H": 16} for b in (1, 8)],
@@ -458,6 +499,7 @@ def _specs() -> List[OpSpec]:
                 "cuda": [{"B": b, "H": 16} for b in (1, 8, 64)]},
                {"B": 2, "H": 8}, "B"),
     ]
+    specs[-1:-1] = _patch_nce_specs(R)      # PatchNCE's block (above), before attention_nce
     return specs
 
 

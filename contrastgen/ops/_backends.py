@@ -6,7 +6,7 @@
     dispersive      contrastgen.kernels.dispersive      contrastgen.ops._cpp_dispersive   (contrastgen._cpp_dispersive)
     uniformity      contrastgen.kernels.dispersive      contrastgen.ops._cpp_dispersive   (contrastgen._cpp_dispersive)
     infonce_paired  contrastgen.kernels.infonce_paired  contrastgen.ops._cpp_infonce_paired (contrastgen._cpp_infonce_paired)
-    patch_nce       -                                   -
+    patch_nce       contrastgen.kernels.patchnce        contrastgen.ops._cpp_patchnce     (contrastgen._cpp_patchnce)
     attention_nce   contrastgen.kernels.attention_nce   contrastgen.ops._cpp_attention_nce (contrastgen._cpp_attention_nce)
 
 The "torch" backend of every op is its reference in ``contrastgen.reference``.  The launchers of one op have
@@ -72,6 +72,16 @@ def _cpp_attention_nce() -> ModuleType:
     return _cpp_attention_nce
 
 
+def _triton_patchnce() -> ModuleType:
+    from ..kernels import patchnce
+    return patchnce
+
+
+def _cpp_patchnce() -> ModuleType:
+    from . import _cpp_patchnce
+    return _cpp_patchnce
+
+
 # op -> backend -> zero-argument function returning the launcher module
 BACKEND_TABLE: Dict[str, Dict[str, Callable[[], ModuleType]]] = {
     "infonce": {"triton": _triton_infonce, "cpp": _cpp_infonce},
@@ -80,14 +90,14 @@ BACKEND_TABLE: Dict[str, Dict[str, Callable[[], ModuleType]]] = {
     "uniformity": {"triton": _triton_dispersive, "cpp": _cpp_dispersive},
     # per-query negatives (info_nce with 3-D negatives); its in-batch part also runs the "infonce" launchers
     "infonce_paired": {"triton": _triton_infonce_paired, "cpp": _cpp_infonce_paired},
-    "patch_nce": {},
+    "patch_nce": {"triton": _triton_patchnce, "cpp": _cpp_patchnce},
     "attention_nce": {"triton": _triton_attention_nce, "cpp": _cpp_attention_nce},
 }
 
 # op -> the compiled extension its "cpp" launcher needs (``contrastgen._cpp_<name>``, built from csrc/<name>.cpp)
 CPP_EXTENSION: Dict[str, str] = {"infonce": "infonce", "siglip": "infonce", "dispersive": "dispersive",
                                  "uniformity": "dispersive", "infonce_paired": "infonce_paired",
-                                 "attention_nce": "attention_nce"}
+                                 "attention_nce": "attention_nce", "patch_nce": "patchnce"}
 
 # public function -> the op of the table that runs it (None: reference only, documented as such)
 PUBLIC_OPS: Dict[str, str | None] = {

@@ -20,6 +20,7 @@ from .dispersive import dispersive_core, uniformity_core
 from .attention_nce import attention_nce_core
 from .infonce import infonce_core, siglip_core
 from .infonce_paired import infonce_paired_core
+from .patchnce import patch_nce_core
 
 Scalar = Union[float, Tensor]      # a python number or a 0-d tensor (learnable scales and temperatures)
 POSITIVES = ("diagonal", "supcon", "pml")
@@ -273,8 +274,11 @@ def alignment(x: Tensor, y: Tensor, *, alpha: float = 2.0) -> Tensor:
 # --------------------------------------------------------------------------- PatchNCE
 def patch_nce(query: Union[Tensor, Sequence[Tensor]], key: Union[Tensor, Sequence[Tensor]], *,
               temperature: float = 0.07, all_negatives_from_minibatch: bool = False, detach_key: bool = True,
-              backend: Optional[str] = None) -> Tensor:
-    """CUT PatchNCE: query/key (B, P, C), or equal-length lists of them (one per layer) -> mean over layers."""
+              reduction: str = "mean", backend: Optional[str] = None) -> Tensor:
+    """CUT PatchNCE: query/key (B, P, C), or equal-length lists of them (one per layer) -> mean over layers.
+
+    ``reduction="none"`` returns the (L,) per-layer losses, ``"sum"`` their sum.  Every layer runs in one fused
+    launch per direction (:mod:`contrastgen.ops.patchnce`); float64 input runs the reference."""
     qs = [query] if isinstance(query, torch.Tensor) else list(query)
     ks = [key] if isinstance(key, torch.Tensor) else list(key)
     if len(qs) != len(ks) or not qs:
@@ -285,10 +289,23 @@ def patch_nce(query: Union[Tensor, Sequence[Tensor]], key: Union[Tensor, Sequenc
         V.check_same((f"query[{i}]", f"key[{i}]"), (q, k))
         if q.shape != k.shape:
             raise ValueError(f"query[{i}] and key[{i}] must have the same shape (B, P, C): {tuple(q.shape)} vs {tuple(k.shape)}")
-    temperature = V.check_positive_scalar("temperature", temperature)
-    resolve_backend("patch_nce", backend, qs[0].device, api="patch_nce")
-    return ref.patch_nce_ref(qs, ks, temperature=temperature, all_negatives_from_minibatch=all_negatives_from_minibatch,
-                             detach_key=detach_key)
+        if i > 0:
+            V.check_same(("query[0]", f"query[{i}]"), (qs[0], q))
+            if q.shape[0] != qs[0].shape[0]:
+                raise ValueError(f"every layer must have the same batch size B: query[0] has shape {tuple(qs[0].shape)}, "
+                                 f"query[{i}] has shape {tuple(q.shape)}")
+    V.check_choice("reduction", reduction, REDUCTIONS)
+    temperature = V.check_positive_scalar("temperature", temperature, like=qs[0])
+    name = resolve_backend("patch_nce", backend, qs[0].device, api="patch_nce")
+    if name == "torch" or qs[0].dtype == torch.float64:
+        kw = dict(temperature=temperature, all_negatives_from_minibatch=all_negatives_from_minibatch,
+                  detach_key=detach_key)
+        if reduction == "mean":
+            return ref.patch_nce_ref(qs, ks, **kw)
+        per_layer = torch.stack([ref.patch_nce_ref([q], [k], **kw) for q, k in zip(qs, ks)])
+        return per_layer if reduction == "none" else per_layer.sum()
+    loss = patch_nce_core(name, qs, ks, temperature, bool(all_negatives_from_minibatch), bool(detach_key), reduction)
+    return loss.to(qs[0].dtype)
 
 
 # --------------------------------------------------------------------------- CONFORM
