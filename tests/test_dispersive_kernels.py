@@ -104,8 +104,9 @@ def test_switch_boundary_both_paths_agree(backend):
     res = {}
     for path in ("gram", "tiled"):
         zz = z.clone().requires_grad_()
-        loss, aux, _ = torch.ops.contrastgen.dispersive_fwd(zz, "infonce_l2", 0.5, 1.0, backend, path)
-        assert aux.shape == ((1, 8, 8) if path == "gram" else (1, 8))
+        loss, rows, w, scales, _ = torch.ops.contrastgen.dispersive_fwd(zz, "infonce_l2", 0.5, 1.0, backend, path, True)
+        assert rows.shape == (1, 8)
+        assert w.shape[0] == 1 and w.shape[2:] == (8, 8) and (w.shape[1] >= 1 if path == "gram" else w.shape[1] == 0)
         res[path] = (loss, torch.autograd.grad(loss.sum(), zz)[0])
     torch.testing.assert_close(res["gram"][0], res["tiled"][0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(res["gram"][1], res["tiled"][1], rtol=1e-10, atol=1e-12)
@@ -180,7 +181,7 @@ def test_gradcheck_float64(backend, variant, path):
 
     def f(z):
         zz = torch.nn.functional.normalize(z, dim=-1) if (variant == "infonce_cosine" and path == "tiled") else z
-        return torch.ops.contrastgen.dispersive_fwd(zz, variant, 0.7, 2.0, backend, path)[0]
+        return torch.ops.contrastgen.dispersive_fwd(zz, variant, 0.7, 2.0, backend, path, True)[0]
 
     assert torch.autograd.gradcheck(f, (z,), eps=1e-6, atol=1e-6)
 
@@ -196,10 +197,10 @@ def test_gradcheck_uniformity(backend):
                                           ("infonce_cosine", "gram")])
 def test_opcheck_dispersive(backend, variant, path):
     z = torch.randn(2, 5, 24, requires_grad=True)
-    torch.library.opcheck(torch.ops.contrastgen.dispersive_fwd.default, (z, variant, 0.5, 1.0, backend, path))
-    loss, aux, stats = torch.ops.contrastgen.dispersive_fwd(z.detach(), variant, 0.5, 1.0, backend, path)
+    torch.library.opcheck(torch.ops.contrastgen.dispersive_fwd.default, (z, variant, 0.5, 1.0, backend, path, True))
+    state = torch.ops.contrastgen.dispersive_fwd(z.detach(), variant, 0.5, 1.0, backend, path, True)
     torch.library.opcheck(torch.ops.contrastgen.dispersive_bwd.default,
-                          (torch.randn(2), z.detach(), loss, aux, stats, variant, 0.5, 1.0, backend, path))
+                          (torch.randn(2), z.detach(), *state, variant, 0.5, 1.0, backend, path))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
