@@ -323,7 +323,8 @@ def _gram_loss_kernel(rowval_ptr, csq_ptr, loss_ptr, scale_ptr, B, M, n_csq, inv
         loss = tot / (bf * bf) - tl.sum(cs, 0)
         gs = 4.0 / (bf * bf)
     tl.store(loss_ptr + g, loss)
-    tl.store(scale_ptr + g.to(tl.int64) * (B + 1), gs)
+    # + 0 L: a non-finite loss makes every gradient entry of the group non-finite (no half-finite gradients)
+    tl.store(scale_ptr + g.to(tl.int64) * (B + 1), gs + 0.0 * loss)
 
 
 @triton.jit
@@ -545,15 +546,19 @@ def _pairs_bwd_kernel(x_ptr, sq_ptr, dx_ptr, lse_ptr, gout_ptr, N, D, stride_xg,
 # Triton 3.8 and 3.6.  Keys: (kernel, "fp32" | "16", flag) -> (constexprs, num_warps, num_stages).
 _CFG = {
     90: {
-        ("gram", "16", False): (dict(BLOCK_B=128, BLOCK_K=64), 8, 4),
-        ("gram", "fp32", False): (dict(BLOCK_B=128, BLOCK_K=32), 8, 3),
+        ("gram", "16", False, "small"): (dict(BLOCK_B=64, BLOCK_K=64), 4, 4),     # B <= 64: one 64-row tile
+        ("gram", "16", False, "mid"): (dict(BLOCK_B=128, BLOCK_K=64), 8, 4),
+        ("gram", "16", False, "large"): (dict(BLOCK_B=128, BLOCK_K=64), 8, 4),
+        ("gram", "fp32", False, "small"): (dict(BLOCK_B=64, BLOCK_K=32), 4, 3),
+        ("gram", "fp32", False, "mid"): (dict(BLOCK_B=128, BLOCK_K=32), 8, 3),
+        ("gram", "fp32", False, "large"): (dict(BLOCK_B=128, BLOCK_K=32), 8, 3),
         ("gram", "16", True): (dict(BLOCK_B=64, BLOCK_K=32), 4, 3),        # normalised on the fly: fp32 operands
         ("gram", "fp32", True): (dict(BLOCK_B=64, BLOCK_K=32), 4, 3),
         ("wz", "16", "small"): (dict(BLOCK_I=64, BLOCK_K=64), 4, 3),        # B <= 64
         ("wz", "16", "mid"): (dict(BLOCK_I=128, BLOCK_K=64), 8, 2),         # B <= 256
         ("wz", "16", "large"): (dict(BLOCK_I=64, BLOCK_K=32), 4, 2),        # B <= 512
         ("wz", "fp32", "small"): (dict(BLOCK_I=64, BLOCK_K=64), 4, 2),
-        ("wz", "fp32", "mid"): (dict(BLOCK_I=64, BLOCK_K=32), 4, 2),
+        ("wz", "fp32", "mid"): (dict(BLOCK_I=64, BLOCK_K=16), 8, 2),
         ("wz", "fp32", "large"): (dict(BLOCK_I=64, BLOCK_K=16), 4, 2),
         ("wzcov", "16", "small"): (dict(BLOCK_J=32, BLOCK_K=64), 4, 2),
         ("wzcov", "16", "mid"): (dict(BLOCK_J=32, BLOCK_K=32), 8, 2),
@@ -575,8 +580,12 @@ _CFG = {
         ("pb", "16", 2): (dict(BLOCK_N=64, BLOCK_D=16, BLOCK_DO=16), 4, 2),
     },
     80: {
-        ("gram", "16", False): (dict(BLOCK_B=128, BLOCK_K=32), 8, 3),
-        ("gram", "fp32", False): (dict(BLOCK_B=64, BLOCK_K=16), 4, 3),
+        ("gram", "16", False, "small"): (dict(BLOCK_B=64, BLOCK_K=32), 4, 3),
+        ("gram", "16", False, "mid"): (dict(BLOCK_B=128, BLOCK_K=32), 8, 3),
+        ("gram", "16", False, "large"): (dict(BLOCK_B=128, BLOCK_K=32), 8, 3),
+        ("gram", "fp32", False, "small"): (dict(BLOCK_B=64, BLOCK_K=16), 4, 3),
+        ("gram", "fp32", False, "mid"): (dict(BLOCK_B=64, BLOCK_K=16), 4, 3),
+        ("gram", "fp32", False, "large"): (dict(BLOCK_B=64, BLOCK_K=16), 4, 3),
         ("gram", "16", True): (dict(BLOCK_B=64, BLOCK_K=16), 4, 3),
         ("gram", "fp32", True): (dict(BLOCK_B=64, BLOCK_K=16), 4, 3),
         ("wz", "16", "small"): (dict(BLOCK_I=64, BLOCK_K=64), 4, 3),
@@ -744,7 +753,8 @@ def _plan_gram(G, B, M, zdt, arch, n_sm, stride_zg, stride_zb, normalize, determ
     if arch is None:
         cx, w, st = dict(BLOCK_B=_interp_block(B), BLOCK_K=64), 4, 1
     else:
-        cx, w, st = _CFG[arch][("gram", _cls(zdt), normalize)]
+        key = ("gram", _cls(zdt), True) if normalize else ("gram", _cls(zdt), False, _size_class(B))
+        cx, w, st = _CFG[arch][key]
     bb, bk = cx["BLOCK_B"], cx["BLOCK_K"]
     T = triton.cdiv(B, bb)
     n_tri = T * (T + 1) // 2
@@ -893,6 +903,7 @@ def gram_backward(grad: torch.Tensor, z: torch.Tensor, w: torch.Tensor, scales: 
     """dL/dz (G, B, M) in z's dtype for the upstream gradient grad (G,), from gram_forward's W / scales / stats."""
     z = _rowmajor(z)
     G, B, M = z.shape
+    _check_int32("z", B, M, z.stride(1))
     if w.shape[1] == 0:
         raise RuntimeError("dispersive_bwd: the forward ran without need_w (no weight matrix was saved)")
     acc = _acc_torch(z.dtype)

@@ -162,6 +162,7 @@ def gram_epilogue(gram: Tensor, variant: str, tau: float, margin: float, m: int,
             w = 4.0 * (torch.diag_embed(a.sum(-1)) - a)
     w = w[:, None] if need_w else gram.new_empty((G, 0, b, b))
     scales = gram.new_ones((G, b + 1))
+    scales[:, 0] += 0.0 * loss            # a non-finite loss makes every gradient entry of its group non-finite
     return loss, rows, w, scales
 
 

@@ -128,7 +128,8 @@ def dispersive_bwd(grad: Tensor, z: Tensor, loss: Tensor, rows: Tensor, w: Tenso
         return P.gram_backward(grad, z, w, scales, stats, variant, BN_EPS)
     mode, alpha, mg, hscale = _tiled_params(variant, tau, margin, B, M)
     lse = torch.logsumexp(rows, -1) if mode != MODE_HINGE else torch.zeros_like(loss)
-    return P.pairs_bwd(z, lse, grad, mode, alpha, mg, hscale, False)
+    gout = grad * (0.0 * loss + 1.0)      # a non-finite loss makes every gradient entry of its group non-finite
+    return P.pairs_bwd(z, lse, gout, mode, alpha, mg, hscale, False)
 
 
 @dispersive_bwd.register_fake
@@ -170,7 +171,8 @@ def _(x, t, backend):
 @torch.library.custom_op("contrastgen::uniformity_bwd", mutates_args=())
 def uniformity_bwd(grad: Tensor, x: Tensor, rows: Tensor, t: float, backend: str) -> Tensor:
     lse = torch.logsumexp(rows, 0).reshape(1)
-    return _prims(backend).pairs_bwd(x.unsqueeze(0), lse, grad.reshape(1), MODE_L2, t, 0.0, 0.0, True)[0]
+    gout = grad.reshape(1) * (0.0 * lse + 1.0)     # non-finite loss -> no finite gradient entry
+    return _prims(backend).pairs_bwd(x.unsqueeze(0), lse, gout, MODE_L2, t, 0.0, 0.0, True)[0]
 
 
 @uniformity_bwd.register_fake
