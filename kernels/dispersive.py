@@ -329,48 +329,77 @@ def _gram_loss_kernel(rowval_ptr, csq_ptr, loss_ptr, scale_ptr, B, M, n_csq, inv
 
 @triton.jit
 def _stream_wz_kernel(w_ptr, scale_ptr, gout_ptr, z_ptr, dz_ptr, B, M, stride_zg, stride_zb, k_per_split,
-                      SPLIT_W: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-                      UPCAST: tl.constexpr, PREC: tl.constexpr):
+                      SPLIT_W: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_JC: tl.constexpr,
+                      BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """dZ[g, rows, kslice] = g gscale rowscale_i (W_hi + W_lo)[rows, :] @ Z[g, :, kslice] for BLOCK_I rows of one
-    group and a K range of k_per_split columns (BLOCK_K per step); BLOCK_J >= B is the whole reduction."""
+    group and a K range of k_per_split columns (BLOCK_K per step).  BLOCK_J >= B is the whole reduction; with
+    BLOCK_JC == BLOCK_J the W rows are loaded once per program (held across the K loop), with BLOCK_JC < BLOCK_J
+    (large B) they are streamed in BLOCK_JC chunks at every K step."""
     ACC: tl.constexpr = scale_ptr.dtype.element_ty
     pid_i = tl.program_id(0)
     pid_k = tl.program_id(1)
     g = tl.program_id(2)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_j = tl.arange(0, BLOCK_J)
     mi = offs_i < B
-    mj = offs_j < B
     if SPLIT_W:
         wg = w_ptr + g.to(tl.int64) * 2 * B * B
     else:
         wg = w_ptr + g.to(tl.int64) * B * B
-    w_hi = tl.load(wg + offs_i[:, None] * B + offs_j[None, :], mask=mi[:, None] & mj[None, :], other=0.0)
-    if SPLIT_W:
-        w_lo = tl.load(wg + B * B + offs_i[:, None] * B + offs_j[None, :], mask=mi[:, None] & mj[None, :], other=0.0)
-    if UPCAST:
-        w_hi = w_hi.to(tl.float32)
-        if SPLIT_W:
-            w_lo = w_lo.to(tl.float32)
     sg = scale_ptr + g.to(tl.int64) * (B + 1)
     coef = tl.load(gout_ptr + g).to(ACC) * tl.load(sg) * tl.load(sg + 1 + offs_i, mask=mi, other=0.0)
     zg = z_ptr + g.to(tl.int64) * stride_zg
     dzg = dz_ptr + g.to(tl.int64) * B * M
     k0 = pid_k * k_per_split
     k_end = tl.minimum(k0 + k_per_split, M)
-    for k in range(k0, k_end, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        mk = offs_k < k_end
-        z = tl.load(zg + offs_j[:, None] * stride_zb + offs_k[None, :], mask=mj[:, None] & mk[None, :], other=0.0)
-        if UPCAST:
-            z = z.to(tl.float32)
-        # (BLOCK_I, BLOCK_J) @ (BLOCK_J, BLOCK_K) -> (BLOCK_I, BLOCK_K)
-        acc = tl.dot(w_hi, z, input_precision=PREC, out_dtype=ACC)
+    if BLOCK_JC == BLOCK_J:
+        offs_j = tl.arange(0, BLOCK_J)
+        mj = offs_j < B
+        w_hi = tl.load(wg + offs_i[:, None] * B + offs_j[None, :], mask=mi[:, None] & mj[None, :], other=0.0)
         if SPLIT_W:
+            w_lo = tl.load(wg + B * B + offs_i[:, None] * B + offs_j[None, :], mask=mi[:, None] & mj[None, :],
+                           other=0.0)
+        if UPCAST:
+            w_hi = w_hi.to(tl.float32)
+            if SPLIT_W:
+                w_lo = w_lo.to(tl.float32)
+        for k in range(k0, k_end, BLOCK_K):
+            offs_k = k + tl.arange(0, BLOCK_K)
+            mk = offs_k < k_end
+            z = tl.load(zg + offs_j[:, None] * stride_zb + offs_k[None, :], mask=mj[:, None] & mk[None, :], other=0.0)
+            if UPCAST:
+                z = z.to(tl.float32)
             # (BLOCK_I, BLOCK_J) @ (BLOCK_J, BLOCK_K) -> (BLOCK_I, BLOCK_K)
-            acc = tl.dot(w_lo, z, acc, input_precision=PREC, out_dtype=ACC)
-        tl.store(dzg + offs_i[:, None] * M + offs_k[None, :], (acc * coef[:, None]).to(dz_ptr.dtype.element_ty),
-                 mask=mi[:, None] & mk[None, :])
+            acc = tl.dot(w_hi, z, input_precision=PREC, out_dtype=ACC)
+            if SPLIT_W:
+                # (BLOCK_I, BLOCK_J) @ (BLOCK_J, BLOCK_K) -> (BLOCK_I, BLOCK_K)
+                acc = tl.dot(w_lo, z, acc, input_precision=PREC, out_dtype=ACC)
+            tl.store(dzg + offs_i[:, None] * M + offs_k[None, :], (acc * coef[:, None]).to(dz_ptr.dtype.element_ty),
+                     mask=mi[:, None] & mk[None, :])
+    else:
+        for k in range(k0, k_end, BLOCK_K):
+            offs_k = k + tl.arange(0, BLOCK_K)
+            mk = offs_k < k_end
+            acc = tl.zeros((BLOCK_I, BLOCK_K), dtype=ACC)
+            for j0 in range(0, B, BLOCK_JC):
+                offs_j = j0 + tl.arange(0, BLOCK_JC)
+                mj = offs_j < B
+                w_hi = tl.load(wg + offs_i[:, None] * B + offs_j[None, :], mask=mi[:, None] & mj[None, :], other=0.0)
+                z = tl.load(zg + offs_j[:, None] * stride_zb + offs_k[None, :], mask=mj[:, None] & mk[None, :],
+                            other=0.0)
+                if UPCAST:
+                    w_hi = w_hi.to(tl.float32)
+                    z = z.to(tl.float32)
+                # (BLOCK_I, BLOCK_JC) @ (BLOCK_JC, BLOCK_K) -> (BLOCK_I, BLOCK_K)
+                acc = tl.dot(w_hi, z, acc, input_precision=PREC, out_dtype=ACC)
+                if SPLIT_W:
+                    w_lo = tl.load(wg + B * B + offs_i[:, None] * B + offs_j[None, :], mask=mi[:, None] & mj[None, :],
+                                   other=0.0)
+                    if UPCAST:
+                        w_lo = w_lo.to(tl.float32)
+                    # (BLOCK_I, BLOCK_JC) @ (BLOCK_JC, BLOCK_K) -> (BLOCK_I, BLOCK_K)
+                    acc = tl.dot(w_lo, z, acc, input_precision=PREC, out_dtype=ACC)
+            tl.store(dzg + offs_i[:, None] * M + offs_k[None, :], (acc * coef[:, None]).to(dz_ptr.dtype.element_ty),
+                     mask=mi[:, None] & mk[None, :])
 
 
 @triton.jit
@@ -556,10 +585,10 @@ _CFG = {
         ("gram", "fp32", True): (dict(BLOCK_B=64, BLOCK_K=32), 4, 3),
         ("wz", "16", "small"): (dict(BLOCK_I=64, BLOCK_K=64), 4, 3),        # B <= 64
         ("wz", "16", "mid"): (dict(BLOCK_I=128, BLOCK_K=64), 8, 2),         # B <= 256
-        ("wz", "16", "large"): (dict(BLOCK_I=64, BLOCK_K=32), 4, 2),        # B <= 512
+        ("wz", "16", "large"): (dict(BLOCK_I=128, BLOCK_K=64, BLOCK_JC=64), 8, 3),   # B <= 512: W streamed
         ("wz", "fp32", "small"): (dict(BLOCK_I=64, BLOCK_K=64), 4, 2),
         ("wz", "fp32", "mid"): (dict(BLOCK_I=64, BLOCK_K=16), 8, 2),
-        ("wz", "fp32", "large"): (dict(BLOCK_I=64, BLOCK_K=16), 4, 2),
+        ("wz", "fp32", "large"): (dict(BLOCK_I=64, BLOCK_K=64, BLOCK_JC=32), 4, 2),
         ("wzcov", "16", "small"): (dict(BLOCK_J=32, BLOCK_K=64), 4, 2),
         ("wzcov", "16", "mid"): (dict(BLOCK_J=32, BLOCK_K=32), 8, 2),
         ("wzcov", "16", "large"): (dict(BLOCK_J=16, BLOCK_K=16), 8, 2),
@@ -589,11 +618,11 @@ _CFG = {
         ("gram", "16", True): (dict(BLOCK_B=64, BLOCK_K=16), 4, 3),
         ("gram", "fp32", True): (dict(BLOCK_B=64, BLOCK_K=16), 4, 3),
         ("wz", "16", "small"): (dict(BLOCK_I=64, BLOCK_K=64), 4, 3),
-        ("wz", "16", "mid"): (dict(BLOCK_I=64, BLOCK_K=64), 4, 2),
-        ("wz", "16", "large"): (dict(BLOCK_I=32, BLOCK_K=32), 4, 2),
+        ("wz", "16", "mid"): (dict(BLOCK_I=64, BLOCK_K=32), 8, 2),
+        ("wz", "16", "large"): (dict(BLOCK_I=64, BLOCK_K=64, BLOCK_JC=32), 4, 3),
         ("wz", "fp32", "small"): (dict(BLOCK_I=32, BLOCK_K=64), 4, 2),
-        ("wz", "fp32", "mid"): (dict(BLOCK_I=32, BLOCK_K=32), 4, 2),
-        ("wz", "fp32", "large"): (dict(BLOCK_I=32, BLOCK_K=16), 4, 2),
+        ("wz", "fp32", "mid"): (dict(BLOCK_I=32, BLOCK_K=16), 8, 2),
+        ("wz", "fp32", "large"): (dict(BLOCK_I=64, BLOCK_K=32, BLOCK_JC=16), 4, 2),
         ("wzcov", "16", "small"): (dict(BLOCK_J=32, BLOCK_K=64), 4, 2),
         ("wzcov", "16", "mid"): (dict(BLOCK_J=16, BLOCK_K=32), 8, 2),
         ("wzcov", "16", "large"): (dict(BLOCK_J=16, BLOCK_K=16), 8, 2),
@@ -608,7 +637,7 @@ _CFG = {
         ("pf", "16", 2): (dict(BLOCK_N=64, BLOCK_D=32), 8, 2),
         ("pb", "fp32", 0): (dict(BLOCK_N=32, BLOCK_D=32, BLOCK_DO=32), 4, 2),
         ("pb", "fp32", 1): (dict(BLOCK_N=64, BLOCK_D=16, BLOCK_DO=16), 4, 2),
-        ("pb", "fp32", 2): (dict(BLOCK_N=32, BLOCK_D=32, BLOCK_DO=32), 4, 2),
+        ("pb", "fp32", 2): (dict(BLOCK_N=32, BLOCK_D=32, BLOCK_DO=16), 4, 2),
         ("pb", "16", 0): (dict(BLOCK_N=64, BLOCK_D=16, BLOCK_DO=16), 4, 2),
         ("pb", "16", 1): (dict(BLOCK_N=64, BLOCK_D=32, BLOCK_DO=32), 8, 2),
         ("pb", "16", 2): (dict(BLOCK_N=64, BLOCK_D=16, BLOCK_DO=16), 4, 2),
@@ -806,7 +835,9 @@ def _plan_wz(G, B, M, zdt, arch, n_sm, stride_zg, stride_zb, split_w):
         cx, w, st = dict(BLOCK_I=min(bp, 64), BLOCK_K=64), 4, 1
     else:
         cx, w, st = _CFG[arch][("wz", _cls(zdt), _size_class(B))]
+    cx = dict(cx)
     bi, bk = cx["BLOCK_I"], cx["BLOCK_K"]
+    cx["BLOCK_JC"] = min(cx.get("BLOCK_JC", bp), bp)
     n_i = triton.cdiv(B, bi)
     splits = max(1, min(triton.cdiv(n_sm, G * n_i), triton.cdiv(M, 2 * bk)))
     k_per = triton.cdiv(triton.cdiv(M, splits), bk) * bk
@@ -815,7 +846,8 @@ def _plan_wz(G, B, M, zdt, arch, n_sm, stride_zg, stride_zb, split_w):
     return _Launch(_stream_wz_kernel, (n_i, splits, G),
                    {"w_ptr": wdt, "scale_ptr": acc, "gout_ptr": acc, "z_ptr": zdt, "dz_ptr": zdt},
                    dict(B=B, M=M, stride_zg=stride_zg, stride_zb=stride_zb, k_per_split=k_per),
-                   dict(SPLIT_W=split_w, BLOCK_I=bi, BLOCK_J=bp, BLOCK_K=bk, UPCAST=_upcast(zdt),
+                   dict(SPLIT_W=split_w, BLOCK_I=bi, BLOCK_J=bp, BLOCK_JC=cx["BLOCK_JC"], BLOCK_K=bk,
+                        UPCAST=_upcast(zdt),
                         PREC="ieee" if split_w else _prec(zdt)), w, st)
 
 
@@ -1004,6 +1036,7 @@ SM_COUNT = {90: 132, 80: 108}
 HEADLINE = dict(G=1, B=256, M=294_912)
 GRAM_SHAPES = [dict(G=1, B=b, M=294_912) for b in (32, 64, 128, 256)] + [dict(G=1, B=9, M=1000),
                                                                           dict(G=2, B=256, M=147_456)]
+LARGEST_GRAM = dict(G=1, B=512, M=294_912)     # GRAM_PATH_MAX_B: the "large" configs, compiled though not benched
 TILED_SHAPES = {"many_samples": [dict(G=1, N=n, D=64) for n in (4096, 16384, 65536)] + [dict(G=1, N=67, D=24)],
                 "uniformity": [dict(G=1, N=n, D=128) for n in (4096, 16384, 65536)] + [dict(G=1, N=67, D=24)],
                 "forced_tiled": [dict(G=2, N=256, D=2048)]}
@@ -1014,8 +1047,9 @@ _TILED_MODE = {"infonce_l2": MODE_L2, "infonce_cosine": MODE_DOT, "hinge": MODE_
 def _aot_configs():
     """One AotConfig per specialization the launchers build for the shapes above: every Gram-path launch of
     infonce_l2 in bfloat16 (the benchmarks' dtype) at GRAM_SHAPES; at HEADLINE also float32 / float16, every
-    variant and the atomic (non-deterministic) Gram; the tiled kernels at TILED_SHAPES (bfloat16; float32 too for
-    the headline N = 65,536 and the tests' forced-tiled shape)."""
+    variant and the atomic (non-deterministic) Gram; at LARGEST_GRAM (bf16 / fp32, l2 / covariance) so that the
+    B > 256 tiles are compiled too; the tiled kernels at TILED_SHAPES (bfloat16; float32 too for the headline
+    N = 65,536 and the tests' forced-tiled shape)."""
     cfgs = {}
 
     def add(launch, arch):
@@ -1034,6 +1068,7 @@ def _aot_configs():
     cases += [(HEADLINE, dt, v, True) for dt in (torch.bfloat16, torch.float32) for v in _VARIANTS[1:]]
     cases += [(s, torch.bfloat16, v, True) for s in GRAM_SHAPES[-1:] for v in _VARIANTS[1:]]
     cases += [(HEADLINE, torch.bfloat16, v, False) for v in ("infonce_l2", "covariance")]
+    cases += [(LARGEST_GRAM, dt, v, True) for dt in (torch.bfloat16, torch.float32) for v in ("infonce_l2", "covariance")]
     for arch in (80, 90):
         for s, dt, variant, det in cases:
             plans, _ = _gram_plans(s["G"], s["B"], s["M"], dt, arch, SM_COUNT[arch], variant, 0.5, 1.0, 1e-5, True,

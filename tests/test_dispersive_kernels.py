@@ -242,14 +242,20 @@ def test_triton_split_k_gram(deterministic):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.parametrize("arch", (80, 90))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_gpu_tile_configs_in_interpreter(dtype, monkeypatch):
-    """The shipped GPU tile sizes (BLOCK_B = 32/64 with several row / column tiles, BLOCK_K = 16..128,
-    BLOCK_N = 32/64, BLOCK_DO = 16/32 with several output-column programs) on small ragged shapes."""
+def test_triton_gpu_tile_configs_in_interpreter(arch, dtype, monkeypatch):
+    """The shipped GPU tile sizes of _CFG[arch] on small ragged shapes with several tiles / splits: Gram path
+    B = 130 (two 128-row blocks: 3 upper tiles, 2 row blocks of dZ, 3 K splits), B = 40 (one 64-row tile),
+    B = 300 (the B > 256 configs: W streamed in chunks); tiled path with BLOCK_N = 32/64 and several output-column
+    programs; uniformity."""
     from contrastgen.kernels import dispersive as K
     monkeypatch.setattr(K, "INTERPRET_WITH_GPU_CONFIGS", True)
-    _compare("triton", torch.randn(2, 70, 300), "infonce_l2", dtype, 1e-5)      # Gram path, 2 x 2 / 3 x 3 tiles
+    monkeypatch.setattr(K, "INTERPRET_ARCH", arch)
+    monkeypatch.setattr(K, "_INTERPRET_SMS", 8)
+    _compare("triton", torch.randn(1, 130, 600), "infonce_l2", dtype, 1e-5)
     _compare("triton", torch.randn(1, 40, 200), "covariance", dtype, 1e-5)
+    _compare("triton", torch.randn(1, 300, 1200) * 0.5, "infonce_cosine", dtype, 1e-5)
     _compare("triton", torch.randn(1, 70, 40) * 0.3, "hinge", dtype, 1e-5)       # tiled path
     _compare("triton", torch.randn(1, 70, 40), "infonce_cosine", dtype, 1e-5)
     x0 = torch.randn(70, 33) * 0.3
