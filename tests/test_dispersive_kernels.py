@@ -429,3 +429,18 @@ def test_triton_fp16_weights_keep_their_range_at_large_m():
     """fp16 Z at a SiT-like M: W ~ 1 / (tau M S) would underflow fp16 without the per-row power-of-two scale."""
     torch.manual_seed(0)
     _compare("triton", torch.randn(1, 16, 65536) * 0.05, "infonce_l2", torch.float16, 1e-4)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("products", ("cpp", "blas"))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cpp_gram_products_both_ways(products, variant, monkeypatch):
+    """The C++ launcher's two Gram-path products by its own loops and by the BLAS ("auto" picks per dtype)."""
+    from contrastgen.ops import _cpp_dispersive as CPP
+    monkeypatch.setattr(CPP, "PRODUCTS", products)
+    for dtype in (torch.float32, torch.bfloat16):
+        _compare("cpp", torch.randn(2, 9, 301) * 1.5, variant, dtype, 1e-5)
+    z = torch.randn(2, 3, 13, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda z: torch.ops.contrastgen.dispersive_fwd(z, variant, 0.7, 2.0, "cpp", "gram", True)[0], (z,), eps=1e-6,
+        atol=1e-6)
