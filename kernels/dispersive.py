@@ -621,7 +621,7 @@ _CFG = {
         ("wz", "16", "mid"): (dict(BLOCK_I=64, BLOCK_K=32), 8, 2),
         ("wz", "16", "large"): (dict(BLOCK_I=64, BLOCK_K=64, BLOCK_JC=32), 4, 3),
         ("wz", "fp32", "small"): (dict(BLOCK_I=32, BLOCK_K=64), 4, 2),
-        ("wz", "fp32", "mid"): (dict(BLOCK_I=32, BLOCK_K=16), 8, 2),
+        ("wz", "fp32", "mid"): (dict(BLOCK_I=64, BLOCK_K=32, BLOCK_JC=16), 4, 2),   # held W spills on 3.6
         ("wz", "fp32", "large"): (dict(BLOCK_I=64, BLOCK_K=32, BLOCK_JC=16), 4, 2),
         ("wzcov", "16", "small"): (dict(BLOCK_J=32, BLOCK_K=64), 4, 2),
         ("wzcov", "16", "mid"): (dict(BLOCK_J=16, BLOCK_K=32), 8, 2),

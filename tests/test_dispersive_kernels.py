@@ -247,7 +247,7 @@ def test_triton_split_k_gram(deterministic):
 def test_triton_gpu_tile_configs_in_interpreter(arch, dtype, monkeypatch):
     """The shipped GPU tile sizes of _CFG[arch] on small ragged shapes with several tiles / splits: Gram path
     B = 130 (two 128-row blocks: 3 upper tiles, 2 row blocks of dZ, 3 K splits), B = 40 (one 64-row tile),
-    B = 300 (the B > 256 configs: W streamed in chunks); tiled path with BLOCK_N = 32/64 and several output-column
+    B = 300 (the B > 256 configs: W streamed in chunks, covariance with all 512 padded rows); tiled path with BLOCK_N = 32/64 and several output-column
     programs; uniformity."""
     from contrastgen.kernels import dispersive as K
     monkeypatch.setattr(K, "INTERPRET_WITH_GPU_CONFIGS", True)
@@ -256,6 +256,7 @@ def test_triton_gpu_tile_configs_in_interpreter(arch, dtype, monkeypatch):
     _compare("triton", torch.randn(1, 130, 600), "infonce_l2", dtype, 1e-5)
     _compare("triton", torch.randn(1, 40, 200), "covariance", dtype, 1e-5)
     _compare("triton", torch.randn(1, 300, 1200) * 0.5, "infonce_cosine", dtype, 1e-5)
+    _compare("triton", torch.randn(1, 300, 1200), "covariance", dtype, 1e-5)
     _compare("triton", torch.randn(1, 70, 40) * 0.3, "hinge", dtype, 1e-5)       # tiled path
     _compare("triton", torch.randn(1, 70, 40), "infonce_cosine", dtype, 1e-5)
     x0 = torch.randn(70, 33) * 0.3
