@@ -35,7 +35,7 @@ case "${1:-}" in
     # already on the GPU machine (a PyPI torchvision for another CUDA build would break `import torchvision`).
     $PIP download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d "$W" \
-      inf-cl==1.2.1 open-clip-torch==3.3.0 ftfy regex wcwidth pytorch-metric-learning==2.9.0 || exit 1
+      inf-cl==1.2.1 open-clip-torch==3.3.0 ftfy regex wcwidth tqdm pytorch-metric-learning==2.9.0 || exit 1
     du -sh "$W"; ls -la "$W"; exit 0 ;;
 esac
 OUT=${1:?usage: benches/gpu.sh [--dry-run] OUTDIR [headline|extra]}
@@ -52,8 +52,10 @@ FUSED=triton
 # Compiled Triton, not the interpreter: 0 rather than unset, since tests/conftest.py setdefaults it to 1.
 export TRITON_INTERPRET=0
 export HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
-# The checkout itself is the package (no build: the C++ extensions are CPU-only and not needed here).
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# The checkout itself is the package (no build: the C++ extensions are CPU-only and not needed here); the peers'
+# wheels are unpacked into build/peers (no change to the machine's site-packages).
+PEERS="$ROOT/build/peers"
+export PYTHONPATH="$ROOT:$PEERS${PYTHONPATH:+:$PYTHONPATH}"
 [ -e "$ROOT/contrastgen/kernels" ] || ln -s ../kernels "$ROOT/contrastgen/kernels"
 
 BOXES=0
@@ -90,7 +92,7 @@ install() {
   if [ "$DEVICE" = cpu ]; then echo "== [install] skipped (CPU smoke)"; return 0; fi
   if [ "$DRY" = 0 ] && [ -f "$ROOT/build/.gpu-installed" ]; then echo "== [install] done earlier on this machine"; return 0; fi
   if [ "$DRY" = 1 ] || ls benches/wheels/*.whl >/dev/null 2>&1; then
-    step install_wheels 40 "$PY" -m pip install --no-index --no-deps --no-build-isolation benches/wheels/*.whl
+    step install_wheels 40 "$PY" -m pip install --no-index --no-deps --target "$PEERS" benches/wheels/*.whl
   else
     echo "== [install_wheels] no benches/wheels/*.whl (carry benches/wheels): open_clip / inf_cl rows will be skipped"
   fi
