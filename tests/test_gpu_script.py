@@ -34,7 +34,8 @@ def test_dry_run_lists_the_steps_within_eight_minutes(part, tmp_path):
     assert total == sum(boxes) <= 480, (boxes, total)
     steps = re.findall(r"^== \[(\S+)\]", p.stdout, re.M)
     if part == "headline":
-        assert steps == ["install_wheels", "env", "tests", "bench_clip", "bench_siglip", "bench_dispersive", "gate"]
+        assert steps == ["install_wheels", "env", "test_cuda", "test_cuda_dispersive", "bench_clip", "bench_siglip",
+                         "bench_dispersive", "gate"]
         assert "TRITON_INTERPRET=0" in SCRIPT.read_text()
         clip = next(line for line in p.stdout.splitlines() if "[bench_clip]" in line)
         for want in ("--shape N=65536,D=512", "reference,triton,open_clip,inf_cl", "--check-shape timed", "bfloat16"):
@@ -50,14 +51,15 @@ def test_unknown_part_fails(tmp_path):
 
 
 def test_cpu_smoke_and_a_failing_step_gives_a_non_zero_exit(tmp_path):
-    """The headline part on the CPU (GPU_SH_DEVICE=cpu: quick shapes, fused provider cpp) with the test step
+    """The headline part on the CPU (GPU_SH_DEVICE=cpu: quick shapes, fused provider cpp) with one test step
     replaced by `false`: the script goes on, every bench writes its JSON, the gate passes, and the exit status
     is 1 because of the failed step."""
     out = tmp_path / "out"
-    p = _run([str(out), "headline"], tmp_path, GPU_SH_DEVICE="cpu", GPU_SH_FAKE_FAIL="tests", OMP_NUM_THREADS="1")
+    p = _run([str(out), "headline"], tmp_path, GPU_SH_DEVICE="cpu", GPU_SH_FAKE_FAIL="test_cuda_dispersive",
+             OMP_NUM_THREADS="1")
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
     steps = (out / "steps.txt").read_text()
-    assert "FAILED: tests (rc=1)" in steps
+    assert "FAILED: test_cuda_dispersive (rc=1)" in steps
     for name in ("clip", "siglip", "dispersive"):
         assert f"[bench_{name}] rc=0" in steps, steps
         doc = json.loads(next(out.glob(f"*_{name}.json")).read_text())
