@@ -41,7 +41,9 @@ differentiated (through s_i + s_i - 2 z_i.z_i their rounding noise would swamp t
     _stream_wz_kernel      (BLOCK_I=128 rows of dZ) x (BLOCK_K=64 columns) per K step, the full B as the
                            reduction: 2 passes (hi, lo) x 2*128*B*64 = 8.4 MFLOP (B = 256) per B*64*2 = 32 KiB
                            of Z loaded + 16 KiB of dZ stored (256 FLOP/B); W's 128 x B hi/lo rows are loaded once
-                           per program, which loops over a long K range (k_per_split).
+                           per program (128 KiB, held in shared memory: 208 KiB in all), which loops over a long K
+                           range (k_per_split: one wave of programs); B > 256 (and fp32 on sm_80) streams W in
+                           BLOCK_JC-column chunks at every K step instead.
     _stream_wz_cov_kernel  all B rows x BLOCK_K columns, W' (fp32) streamed in BLOCK_J chunks (tf32x3).
 
   Many-samples regime (N up to 1e6, M <= ~1024): a flash-attention-like tiled N^2 reduction.
