@@ -19,7 +19,8 @@
 #
 # Knobs: PYTHON (default python3); GPU_SH_DEVICE=cpu runs the Python parts on the CPU with tiny shapes (the smoke
 # test in tests/test_gpu_script.py; fused provider cpp, no install); GPU_SH_FAKE_FAIL=STEP replaces that step by
-# `false` (to test the exit status).
+# `false` (to test the exit status); GPU_SH_BOX_SCALE=K runs every step with K times its box (the budget check
+# still adds the nominal boxes).
 set -uo pipefail
 
 BUDGET_S=480
@@ -59,6 +60,7 @@ export PYTHONPATH="$ROOT:$PEERS${PYTHONPATH:+:$PYTHONPATH}"
 [ -e "$ROOT/contrastgen/kernels" ] || ln -s ../kernels "$ROOT/contrastgen/kernels"
 
 BOXES=0
+SCALE=${GPU_SH_BOX_SCALE:-1}   # stretches every box when run (not the budget check): the CPU smoke on a busy machine
 FAILED=()
 step() {  # step NAME LIMIT_S CMD... : time-boxed, logged to OUTDIR/NAME.log; a failure is recorded, not fatal
   local name=$1 limit=$2; shift 2
@@ -67,7 +69,7 @@ step() {  # step NAME LIMIT_S CMD... : time-boxed, logged to OUTDIR/NAME.log; a 
   [ "$DRY" = 1 ] && return 0
   [ "${GPU_SH_FAKE_FAIL:-}" = "$name" ] && set -- false
   local t0 rc; t0=$(date +%s)
-  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  timeout --signal=INT --kill-after=10 $(( limit * SCALE )) "$@" 2>&1 | tee "$OUT/$name.log"
   rc=${PIPESTATUS[0]}
   echo "== [$name] rc=$rc after $(( $(date +%s) - t0 ))s" | tee -a "$OUT/steps.txt"
   [ "$rc" = 0 ] || FAILED+=("$name (rc=$rc)")
@@ -78,7 +80,7 @@ CLI=("$PY" -c "import sys; from contrastgen.cli import main; sys.exit(main())" b
 bench() {  # bench NAME LIMIT_S ARGS... : one bench run into OUTDIR; it stops starting cases 30 s before its box
   local name=$1 limit=$2; shift 2
   step "bench_$name" "$limit" "${CLI[@]}" --device "$DEVICE" --out-dir "$OUT" --tag "$name" \
-    --time-limit $(( limit - 30 )) --no-progress "$@"
+    --time-limit $(( (limit - 30) * SCALE )) --no-progress "$@"
 }
 if [ "$DEVICE" = cpu ]; then   # the CPU smoke: the same calls on the quick shapes
   SHAPE_CLIP=(--shapes quick --max-n 256); SHAPE_DISP=(--shapes quick --max-n 64)
