@@ -8,9 +8,11 @@ Cases (fp32):
 
 Providers:
   * ``ref``       the dense PyTorch reference (contrastgen.reference) forward + autograd backward
-  * ``cpp``       the public API with backend="cpp" (custom ops, C++ Gram + streamed W Z, or tiled online LSE)
-  * ``cpp_mm``    (Gram cases) the same custom ops with the two products done by torch.matmul instead of the
-                  C++ loops (Gram = Z Z^T, dZ = W Z): answers "C++ Gram or torch.matmul in the wrapper?"
+  * ``cpp``       the public API with backend="cpp" (custom ops; the Gram path's two products as the launcher's
+                  PRODUCTS="auto" picks them: BLAS for fp32 l2, the C++ loops for covariance; or tiled online LSE)
+  * ``cpp_loops`` (Gram cases) the same with PRODUCTS="cpp": the C++ split-K Gram and streamed W Z loops
+  * ``cpp_mm``    (Gram cases) the same with PRODUCTS="blas": both products by torch.matmul (covariance: the
+                  batch-normalised Zn materialised): answers "C++ loops or torch.matmul in the wrapper?"
   * ``keops``     (uniformity) pykeops LazyTensor: logits -t ||x_i - x_j||^2 with the diagonal pushed to
                   -1e4 through an index mask, .logsumexp(dim=1), backward by KeOps' autograd
 
@@ -46,8 +48,10 @@ sys.path.insert(0, ROOT)
 from contrastgen.bench.harness import cpu_model, git  # noqa: E402
 
 CASES = {
-    "dispersive_l2": dict(kind="dispersive", variant="infonce_l2", B=64, M=262_144, providers=("ref", "cpp", "cpp_mm")),
-    "dispersive_cov": dict(kind="dispersive", variant="covariance", B=64, M=262_144, providers=("ref", "cpp", "cpp_mm")),
+    "dispersive_l2": dict(kind="dispersive", variant="infonce_l2", B=64, M=262_144,
+                          providers=("ref", "cpp", "cpp_loops", "cpp_mm")),
+    "dispersive_cov": dict(kind="dispersive", variant="covariance", B=64, M=262_144,
+                           providers=("ref", "cpp", "cpp_loops", "cpp_mm")),
     "uniformity": dict(kind="uniformity", N=4096, M=64, providers=("ref", "cpp", "keops")),
 }
 
@@ -58,33 +62,6 @@ def _inputs(case, seed=0):
     if c["kind"] == "dispersive":
         return torch.randn(c["B"], c["M"], generator=g)
     return torch.nn.functional.normalize(torch.randn(c["N"], c["M"], generator=g), dim=1)
-
-
-class _MatmulPrims:
-    """The C++ primitives with the two products replaced by torch.matmul (statistics stay in C++)."""
-
-    def __init__(self, cpp):
-        self.cpp = cpp
-
-    def gram(self, z, normalize=None, deterministic=True):
-        if normalize is not None:
-            mean, rstd = normalize
-            z = (z - mean[:, None, :]) * rstd[:, None, :]
-        return torch.matmul(z, z.transpose(-1, -2))
-
-    def colstats(self, z, eps):
-        return self.cpp.colstats(z, eps)
-
-    def stream_wz(self, w, z, cov=None, eps=0.0):
-        if cov is None:
-            return torch.matmul(w.to(z.dtype), z)
-        return self.cpp.stream_wz(w, z, cov=cov, eps=eps)   # the fused batch-norm backward has no matmul form here
-
-    def pairs_fwd(self, *a):
-        return self.cpp.pairs_fwd(*a)
-
-    def pairs_bwd(self, *a):
-        return self.cpp.pairs_bwd(*a)
 
 
 def _make(case, provider):
@@ -131,22 +108,22 @@ def _run_once(f, x0):
 
 
 def _fn_for(case, provider):
-    """f(x) -> (fwd ms, bwd ms) for one repeat; cpp_mm keeps its primitives installed through the backward."""
-    if provider != "cpp_mm":
+    """f(x) -> (fwd ms, bwd ms) for one repeat; cpp_loops / cpp_mm set the C++ launcher's PRODUCTS through the
+    backward (cpp: "auto")."""
+    products = {"cpp_loops": "cpp", "cpp_mm": "blas"}.get(provider)
+    if products is None:
         f = _make(case, provider)
         return lambda x0: _run_once(f, x0)
-    from contrastgen.ops import dispersive as D
+    from contrastgen.ops import _cpp_dispersive as CPP
     import contrastgen
-    prims = D._prims
-    mm = _MatmulPrims(prims("cpp"))
     v = CASES[case]["variant"]
 
     def run(x0):
-        D._prims = lambda backend: mm if backend == "cpp" else prims(backend)
+        saved, CPP.PRODUCTS = CPP.PRODUCTS, products
         try:
             return _run_once(lambda z: contrastgen.dispersive_loss(z, variant=v, tau=0.5, backend="cpp"), x0)
         finally:
-            D._prims = prims
+            CPP.PRODUCTS = saved
     return run
 
 

@@ -5,11 +5,12 @@
 //    KC columns, each thread keeps a partial B x B Gram (4 x 4 register tiles of dot products, only the upper
 //    tiles; mirrored at the end); stream_wz() = dZ = W Z over column blocks of 4 vectors (one read of Z, one
 //    write of dZ), with the covariance batch-norm backward fused per column block; colstats() = per-column
-//    mean / rstd.  The B x B epilogue (loss, W) runs in PyTorch (contrastgen/ops/dispersive.py).
+//    mean / rstd.  The B x B epilogue (loss, W) runs in PyTorch (contrastgen/ops/_cpp_dispersive.py).
 //  * Many-samples regime (N large, D small): pairs_fwd() / pairs_bwd() = tiled N^2 reduction with an online
 //    log-sum-exp per row (modes 0 = l2 / uniformity, 1 = dot of normalised rows, 2 = hinge); the backward
-//    recomputes the tiles.  Tiles: 4 rows x 64 columns (4 vectors), the column block transposed into a panel
-//    (D x 64) once per (row super-block, column block).
+//    recomputes the tiles.  The self-pairs are constants: d_ii = 0 in the forward, no gradient through them.
+//    Tiles: 4 rows x 64 columns (4 vectors), the column block transposed into a panel (D x 64) once per
+//    (row super-block, column block).
 // Inputs arrive as numpy views (bf16 / fp16 as int16 bits, converted on load); accumulation in float
 // (double for float64 input).  Vectors use GCC vector extensions (64 bytes: AVX-512 with -march=native).
 #include <pybind11/numpy.h>
@@ -410,6 +411,9 @@ inline void tile_values(int mode, T alpha, T margin, bool excl, const int64_t* i
         v = vsplat(alpha) * dot[r][c];
       } else {
         V<T> rr = si + sj[c] - vsplat<T>(2) * dot[r][c];
+        // the self-pair is the constant d_ii = 0 (never its rounding noise)
+        const int64_t dl = irow[r] - (j0 + c * W);
+        if (!excl && dl >= 0 && dl < W) rr[dl] = T(0);
         if (r_out) r_out[r * 4 + c] = rr;
         V<T> rc = rr < vsplat<T>(0) ? vsplat<T>(0) : rr;
         v = -vsplat(alpha) * rc;
@@ -536,7 +540,7 @@ void pairs_bwd_impl(const void* x, int dt, int64_t G, int64_t N, int64_t D, cons
                 }
                 for (int l = 0; l < W; ++l) {
                   const int64_t j = j0 + c * W + l;
-                  if (j >= j0 + nj || (excl && j == irow[r])) cv[l] = T(0);
+                  if (j >= j0 + nj || j == irow[r]) cv[l] = T(0);   // no gradient through the self-pair
                 }
                 vstore(&coef[r][c * W], cv);
               }

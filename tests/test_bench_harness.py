@@ -137,7 +137,7 @@ def test_gpu_script_dry_run(tmp_path):
     p = subprocess.run(["bash", str(ROOT / "benches" / "gpu.sh"), "--dry-run", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "contrastgen bench --device cuda" in p.stdout and "pytest tests" in p.stdout
+    assert "bench --device cuda" in p.stdout and "-m pytest" in p.stdout
 
 
 # ------------------------------------------------------------------------------------------- output, schema, spread

@@ -71,6 +71,7 @@ class OpSpec:
     traffic: Optional[Callable[[dict, str, int], float]] = None
     dense_bytes: Callable[[dict], float] = lambda s: 0.0
     peers: Dict[str, Callable] = field(default_factory=dict)
+    ref64: Optional[Callable] = None            # chunked float64 (loss, grads) for checks at large shapes
 
     @property
     def family(self) -> str:
@@ -419,6 +420,56 @@ def _patch_nce_specs(R) -> List[OpSpec]:
     ]
 
 
+# --------------------------------------------------------------------------- chunked float64 references
+# For the correctness check at the headline shapes (``--check-shape timed``): the dense float64 reference at
+# N = 65,536 would hold several 32 GiB N x N matrices; these keep one (CHUNK, N) block at a time (2 GiB).
+CHUNK = 4096
+
+
+def _lse_rows(a, b, scale, chunk=CHUNK):
+    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
+    for r0 in range(0, a.shape[0], chunk):
+        out[r0:r0 + chunk] = torch.logsumexp(scale * (a[r0:r0 + chunk] @ b.T), 1)
+    return out
+
+
+def clip_ref64_chunked(inp, chunk=CHUNK):
+    """OpenCLIP ClipLoss in float64 and its gradients w.r.t. image and text, in row blocks."""
+    with torch.no_grad():
+        im, tx, s = (a.detach().double() for a in inp.args[:3])
+        n = im.shape[0]
+        diag = s * (im * tx).sum(1)
+        rlse, clse = _lse_rows(im, tx, s, chunk), _lse_rows(tx, im, s, chunk)
+        loss = 0.5 * ((rlse - diag).mean() + (clse - diag).mean())
+        d_im, d_tx = torch.empty_like(im), torch.zeros_like(tx)
+        for r0 in range(0, n, chunk):
+            logits = s * (im[r0:r0 + chunk] @ tx.T)
+            a = torch.exp(logits - rlse[r0:r0 + chunk, None]) + torch.exp(logits - clse[None, :])
+            d_im[r0:r0 + chunk] = a @ tx
+            d_tx += a.T @ im[r0:r0 + chunk]
+        c = s / (2 * n)
+        return loss, [c * (d_im - 2 * tx), c * (d_tx - 2 * im)]
+
+
+def siglip_ref64_chunked(inp, chunk=CHUNK):
+    """OpenCLIP SigLipLoss in float64 and its gradients w.r.t. image and text, in row blocks."""
+    with torch.no_grad():
+        im, tx, s, b = (a.detach().double() for a in inp.args[:4])
+        n = im.shape[0]
+        loss = im.new_zeros(())
+        d_im, d_tx = torch.empty_like(im), torch.zeros_like(tx)
+        for r0 in range(0, n, chunk):
+            logits = s * (im[r0:r0 + chunk] @ tx.T) + b
+            y = -torch.ones_like(logits)
+            idx = torch.arange(r0, min(n, r0 + chunk), device=im.device)
+            y[idx - r0, idx] = 1.0
+            loss -= F.logsigmoid(y * logits).sum()
+            g = -(y * torch.sigmoid(-y * logits)) / n
+            d_im[r0:r0 + chunk] = s * (g @ tx)
+            d_tx += s * (g.T @ im[r0:r0 + chunk])
+        return loss / n, [d_im, d_tx]
+
+
 # --------------------------------------------------------------------------- the registry
 def _specs() -> List[OpSpec]:
     from contrastgen import reference as R
@@ -454,13 +505,14 @@ def _specs() -> List[OpSpec]:
                 "cpu": [{"N": n, "D": d} for d in (128, 256) for n in (1024, 4096, 8192, 16384)],
                 "cuda": nd_cuda},
                {"N": 67, "D": 24}, "N", _infonce_flops, None, lambda s: _nn_bytes(s["N"], s["N"]),
-               {"open_clip": peer_open_clip_clip, "keops": peer_keops_clip, "inf_cl": peer_inf_cl_clip}),
+               {"open_clip": peer_open_clip_clip, "keops": peer_keops_clip, "inf_cl": peer_inf_cl_clip},
+               ref64=clip_ref64_chunked),
         OpSpec("siglip_loss", "siglip_loss", "siglip", make_siglip, R.siglip_loss_ref,
                {"quick": [{"N": 256, "D": 64}, {"N": 1024, "D": 64}],
                 "cpu": [{"N": n, "D": 256} for n in (1024, 4096, 8192)],
                 "cuda": nd_cuda},
                {"N": 67, "D": 24}, "N", _siglip_flops, None, lambda s: _nn_bytes(s["N"], s["N"]),
-               {"open_clip": peer_open_clip_siglip}),
+               {"open_clip": peer_open_clip_siglip}, ref64=siglip_ref64_chunked),
         OpSpec("nt_xent", "nt_xent", "infonce", make_nt_xent, R.nt_xent_ref,
                {"quick": [{"N": 128, "D": 64}, {"N": 512, "D": 64}],
                 "cpu": [{"N": n, "D": 128} for n in (512, 2048, 4096)],

@@ -65,6 +65,11 @@ def parse_args(argv):
     p.add_argument("--out", "--out-dir", dest="out_dir", metavar="DIR",
                    help=f"folder for the JSON and PNG (default ./{DEFAULT_OUT}/ in the working directory)")
     p.add_argument("--json", help="output path of the JSON (default DIR/<device>_<date>_<tag>.json)")
+    p.add_argument("--shape", action="append", help="keep only shapes with these values, e.g. N=65536,D=512 "
+                                                    "(repeatable: a shape is kept if it matches any)")
+    p.add_argument("--check-shape", choices=["small", "timed"], default="small",
+                   help="correctness check at the op's small check shape (default) or at the first timed shape "
+                        "(float64 reference on the same rounded inputs; chunked where the op has one)")
     p.add_argument("--tag", help="file-name tag (default: quick / full)")
     p.add_argument("--budget", type=float, help="seconds of timed repeats per case (default 0.1 quick, 0.5 else)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default os.cpu_count(); use 1 on a busy machine)")
@@ -173,19 +178,53 @@ def _err(e):
     return f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
 
 
-def correctness(spec, fn, dtype, device, compare_grads):
-    """max |provider - float64 reference| (and the dtype reference's own error) at spec.check."""
+def _tensors(x):
+    """The tensors of an Inputs' args / kwargs, in order (lists flattened)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    return []
+
+
+def correctness(spec, fn, dtype, device, compare_grads, shape=None, cache=None):
+    """max |provider - float64 reference| (and the dtype reference's own error) at spec.check, or at ``shape``.
+
+    At ``shape`` the float64 reference runs on the provider's (rounded) inputs, through ``spec.ref64`` (chunked)
+    where the op has one; ``cache`` keeps the references of one (op, dtype, shape) for the next provider."""
     import contrastgen
     api = getattr(contrastgen, spec.api)
-    inp = spec.make(spec.check, dtype, device)
-    inp64 = spec.make(spec.check, torch.float64, device)
-    ref64 = _scalar(api(*inp64.args, **inp64.kwargs, backend="torch"))
-    g64 = torch.autograd.grad(ref64, inp64.grads, allow_unused=True)
-    refd = _scalar(api(*inp.args, **inp.kwargs, backend="torch"))
-    gd = torch.autograd.grad(refd, inp.grads, allow_unused=True)
+    at = spec.check if shape is None else shape
+    inp = spec.make(at, dtype, device)
+    key = (spec.name, str(dtype), C.shape_str(at), compare_grads)
+    if cache is None or key not in cache:
+        inp64 = spec.make(at, torch.float64, device)
+        if shape is not None:          # the same values as the provider's inputs
+            with torch.no_grad():
+                for t64, t in zip(_tensors((inp64.args, inp64.kwargs)), _tensors((inp.args, inp.kwargs))):
+                    if t64.is_floating_point():
+                        t64.copy_(t)
+        if shape is not None and spec.ref64 is not None:
+            ref64, g64 = spec.ref64(inp64)
+        else:
+            ref64 = _scalar(api(*inp64.args, **inp64.kwargs, backend="torch"))
+            g64 = torch.autograd.grad(ref64, inp64.grads, allow_unused=True) if compare_grads else None
+        refd = _scalar(api(*inp.args, **inp.kwargs, backend="torch"))
+        gd = torch.autograd.grad(refd, inp.grads, allow_unused=True) if compare_grads else None
+        refs = (float(ref64.detach()), g64, float(refd.detach()), gd)
+        del inp64, ref64, refd
+        if cache is not None:
+            cache.clear()              # one shape at a time (the references can be large)
+            cache[key] = refs
+    else:
+        refs = cache[key]
+    r64, g64, rd, gd = refs
     val = _scalar(fn(inp))
-    v, r64, rd = float(val.detach()), float(ref64.detach()), float(refd.detach())
-    out = {"shape": spec.check, "loss": v, "loss_ref64": r64, "abs_err": abs(v - r64), "ref_abs_err": abs(rd - r64)}
+    v = float(val.detach())
+    out = {"shape": at, "loss": v, "loss_ref64": r64, "abs_err": abs(v - r64), "ref_abs_err": abs(rd - r64),
+           "ref64": "chunked" if shape is not None and spec.ref64 is not None else "dense"}
     if compare_grads:
         gv = torch.autograd.grad(val, inp.grads, allow_unused=True)
 
@@ -194,6 +233,8 @@ def correctness(spec, fn, dtype, device, compare_grads):
             return max(errs) if errs else None
         out["grad_abs_err"] = gerr(gv)
         out["ref_grad_abs_err"] = gerr(gd)
+        mags = [float(b.abs().max()) for b in g64 if b is not None]
+        out["grad_ref64_abs_max"] = max(mags) if mags else None
     return out
 
 
@@ -221,10 +262,25 @@ def plan(args):
     return device, regime, dtypes, modes, providers, excluded, specs
 
 
-def _shapes(spec, regime, max_n):
+def _shape_filters(values):
+    """["N=65536,D=512", ...] -> [{"N": 65536, "D": 512}, ...]"""
+    out = []
+    for v in values or []:
+        f = {}
+        for kv in v.split(","):
+            if kv.strip():
+                k, _, val = kv.partition("=")
+                f[k.strip()] = int(val)
+        out.append(f)
+    return out
+
+
+def _shapes(spec, regime, max_n, only=None):
     shapes = spec.shapes.get(regime, [])
     if max_n:
         shapes = [s for s in shapes if s[spec.x] <= max_n]
+    if only:
+        shapes = [s for s in shapes if any(all(s.get(k) == v for k, v in f.items()) for f in only)]
     return shapes
 
 
@@ -234,7 +290,7 @@ def list_registry(args):
     for spec in specs:
         peers = ", ".join(sorted(spec.peers)) or "-"
         print(f"\n{spec.name}  (contrastgen.{spec.api}, fused op {spec.core!r}, peers: {peers})")
-        for s in _shapes(spec, regime, args.max_n):
+        for s in _shapes(spec, regime, args.max_n, _shape_filters(args.shape)):
             print(f"    {C.shape_str(s)}")
     return 0
 
@@ -331,7 +387,8 @@ def main(argv=None):
     dense_limit = 0.7 * avail if device == "cpu" else 2.0 * avail
     C.MEMORY_LIMIT = dense_limit if not args.dry_run else float("inf")
 
-    work = [(spec, dt, shape) for spec in specs for dt in dtypes for shape in _shapes(spec, regime, args.max_n)]
+    only = _shape_filters(args.shape)
+    work = [(spec, dt, shape) for spec in specs for dt in dtypes for shape in _shapes(spec, regime, args.max_n, only)]
     total = len(work) * len(providers) * len(modes)
     if not args.dry_run:
         dims = {s["D"] for spec, _, s in work if "D" in s and spec.flops}
@@ -346,7 +403,7 @@ def main(argv=None):
     except ImportError:
         bar = None
     t_start = time.perf_counter()
-    check_done = {}
+    check_done, ref_cache = {}, {}
     for spec, dt, shape in work:
         dname = str(dt).replace("torch.", "")
         inp = None
@@ -379,7 +436,8 @@ def main(argv=None):
             ck = (spec.name, dname, provider)
             if ck not in check_done and not args.no_check:
                 try:
-                    c = correctness(spec, fn, dt, device, compare_grads=provider != "pml")
+                    c = correctness(spec, fn, dt, device, compare_grads=provider != "pml",
+                                    shape=shape if args.check_shape == "timed" else None, cache=ref_cache)
                     c.update(op=spec.name, dtype=dname, provider=provider, status="ok")
                 except Exception as e:  # noqa: BLE001
                     c = {"op": spec.name, "dtype": dname, "provider": provider, "status": "failed", "error": _err(e)}

@@ -1,14 +1,15 @@
 """Fused Dispersive Loss and uniformity: custom ops and backend registration.
 
 Call chain: kernels (``contrastgen.kernels.dispersive`` for Triton, ``contrastgen._cpp_dispersive`` for C++)
--> primitives below (``gram``, ``colstats``, ``stream_wz``, ``pairs_fwd``, ``pairs_bwd``) -> custom ops
+-> launchers (``gram_forward``, ``gram_backward``, ``pairs_fwd``, ``pairs_bwd``) -> custom ops
 ``contrastgen::dispersive_fwd`` / ``contrastgen::dispersive_bwd`` and ``contrastgen::uniformity_fwd`` /
 ``contrastgen::uniformity_bwd`` (``backend`` argument: "triton" or "cpp") -> registered implementations of
 ``"dispersive_loss"`` and ``"uniformity"`` -> public ``contrastgen.dispersive_loss`` / ``contrastgen.uniformity``.
 
 Two regimes (METHODS.md section 2), picked by shape in :func:`choose_path`:
   * "gram": B <= GRAM_PATH_MAX_B and M >= GRAM_PATH_MIN_RATIO * B (and always for covariance): split-K Gram
-    (one read of Z), a B x B epilogue in PyTorch (loss, weight matrix W), backward dZ = W Z streamed.
+    (one read of Z), a B x B epilogue (loss and the weight matrix W of dZ = W Z; Triton: fused kernels, C++: the
+    PyTorch epilogue in ``_cpp_dispersive.py``), backward dZ = W Z streamed (one read of Z, one write of dZ).
   * "tiled": flash-attention-like online log-sum-exp over (B x B) tiles, O(B M) memory, tiles recomputed
     in the backward.
 The math of each variant and its gradient is written at the top of ``kernels/dispersive.py``.
@@ -46,59 +47,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _prims(backend: str):
     """The launcher module of ``backend`` (``contrastgen.kernels.dispersive`` or ``contrastgen.ops._cpp_dispersive``):
-    the primitives ``gram``, ``colstats``, ``stream_wz``, ``pairs_fwd``, ``pairs_bwd`` with one signature."""
+    the functions ``gram_forward``, ``gram_backward``, ``w_layout``, ``pairs_fwd``, ``pairs_bwd`` with one signature."""
     return launcher("dispersive", backend)
-
-
-# ------------------------------------------------------------------------------------------- B x B epilogue
-def _sqdist_from_gram(gram: Tensor):
-    s = torch.diagonal(gram, dim1=-2, dim2=-1)
-    r = s[..., :, None] + s[..., None, :] - 2.0 * gram
-    return r, s
-
-
-def gram_loss(gram: Tensor, variant: str, tau: float, margin: float, m: int, stats: Tensor) -> Tensor:
-    """Loss (G,) from the Gram (G, B, B) (the batch-normalised Gram for covariance; stats (G, 2, M) = mean, rstd)."""
-    b = gram.shape[-1]
-    if variant == "covariance":
-        c = 1.0 - BN_EPS * stats[:, 1] * stats[:, 1]              # C_mm = var / (var + eps)
-        return gram.pow(2).sum((-1, -2)) / (b * b) - c.pow(2).sum(-1)
-    if variant == "infonce_cosine":
-        s = torch.diagonal(gram, dim1=-2, dim2=-1)
-        n = s.sqrt().clamp_min(1e-12)
-        cos = gram / (n[..., :, None] * n[..., None, :])
-        return torch.logsumexp((cos / tau).flatten(1), -1) - 2.0 * math.log(b)
-    r, _ = _sqdist_from_gram(gram)
-    d = r.clamp_min(0.0) / m
-    if variant == "hinge":
-        return F.relu(margin - d).pow(2).mean((-1, -2))
-    return torch.logsumexp((-d / tau).flatten(1), -1) - 2.0 * math.log(b)
-
-
-def gram_weights(gram: Tensor, loss: Tensor, grad: Tensor, variant: str, tau: float, margin: float, m: int) -> Tensor:
-    """W (G, B, B) with dZ = W Z (for covariance: W' of dZn = W' Zn + dg c Zn, see the kernels' docstring)."""
-    b = gram.shape[-1]
-    g = grad.to(gram.dtype)[:, None, None]
-    if variant == "covariance":
-        return g * (4.0 / (b * b)) * gram
-    if variant == "infonce_cosine":
-        s = torch.diagonal(gram, dim1=-2, dim2=-1)
-        sq = s.sqrt()
-        n = sq.clamp_min(1e-12)
-        inv = 1.0 / (n[..., :, None] * n[..., None, :])
-        cos = gram * inv
-        p = g * torch.softmax((cos / tau).flatten(1), -1).view_as(gram) / tau       # dL/dcos
-        h = -(((p + p.transpose(-1, -2)) * cos).sum(-1) / (2.0 * n * n)) * (sq > 1e-12)  # dL/ds
-        return 2.0 * p * inv + torch.diag_embed(2.0 * h)
-    r, _ = _sqdist_from_gram(gram)
-    d = r.clamp_min(0.0) / m
-    if variant == "hinge":
-        a = g * (-2.0 / (b * b * m)) * F.relu(margin - d)
-    else:
-        lse = loss.to(gram.dtype)[:, None, None] + 2.0 * math.log(b)
-        a = g * (-1.0 / (tau * m)) * torch.exp(-d / tau - lse)
-    a = torch.where(r >= 0, a, torch.zeros_like(a))                                  # dL/dr
-    return 4.0 * (torch.diag_embed(a.sum(-1)) - a)
 
 
 def _tiled_params(variant: str, tau: float, margin: float, b: int, m: int):
@@ -113,78 +63,92 @@ def _tiled_params(variant: str, tau: float, margin: float, b: int, m: int):
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("contrastgen::dispersive_fwd", mutates_args=())
-def dispersive_fwd(z: Tensor, variant: str, tau: float, margin: float, backend: str, path: str
-                   ) -> Tuple[Tensor, Tensor, Tensor]:
-    """z (G, B, M) -> (loss (G,), aux, stats), accumulation dtype.
+PATHS = ("gram", "tiled")
 
-    path "gram": aux = Gram (G, B, B), stats = (G, 2, M) column mean / rstd (covariance) or (G, 0, 0).
-    path "tiled": aux = per-row log-sum-exp or hinge sums (G, B), stats (G, 0, 0); for infonce_cosine z must
-    be row-normalised already."""
+
+def _check_op_args(variant: str, path: str, backend: str) -> None:
+    """The custom ops are public through torch.ops: an unknown variant / path / backend raises."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if backend not in ("triton", "cpp"):
+        raise ValueError(f"backend must be 'triton' or 'cpp', got {backend!r}")
+    if path == "tiled" and variant == "covariance":
+        raise ValueError("variant='covariance' has no tiled path (it needs per-column batch statistics)")
+
+
+def _empty_state(z: Tensor, acc: torch.dtype):
+    G, B, _ = z.shape
+    return (z.new_empty((G, 0, B, B), dtype=acc), z.new_empty((G, 0), dtype=acc), z.new_empty((G, 0, 0), dtype=acc))
+
+
+@torch.library.custom_op("contrastgen::dispersive_fwd", mutates_args=())
+def dispersive_fwd(z: Tensor, variant: str, tau: float, margin: float, backend: str, path: str, need_w: bool
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """z (G, B, M) -> (loss (G,), rows (G, B), w, scales, stats); loss / rows / scales / stats in the
+    accumulation dtype.
+
+    path "gram": rows = the loss row values v_i, w (G, planes, B, B) = the weight rows of dZ = W Z (planes = 0
+    without need_w; see the launcher's ``w_layout``), scales (G, 1 + B) = (gscale, rowscale_i), stats (G, 2, M)
+    column mean / rstd for covariance else (G, 0, 0).  path "tiled": rows = per-row log-sum-exp or hinge sums,
+    w / scales / stats empty; for infonce_cosine z must be row-normalised already."""
+    _check_op_args(variant, path, backend)
     P = _prims(backend)
     G, B, M = z.shape
-    acc = _acc_dtype(z.dtype)
-    empty = torch.zeros((G, 0, 0), dtype=acc, device=z.device)
     if path == "gram":
-        if variant == "covariance":
-            mean, rstd = P.colstats(z, BN_EPS)
-            gram = P.gram(z, normalize=(mean, rstd), deterministic=DETERMINISTIC_GRAM)
-            stats = torch.stack([mean, rstd], 1)
-        else:
-            gram = P.gram(z, deterministic=DETERMINISTIC_GRAM)
-            stats = empty
-        return gram_loss(gram, variant, tau, margin, M, stats), gram, stats
+        return P.gram_forward(z, variant, tau, margin, BN_EPS, need_w, DETERMINISTIC_GRAM)
     mode, alpha, mg, hscale = _tiled_params(variant, tau, margin, B, M)
     rows = P.pairs_fwd(z, mode, alpha, mg, False)
     loss = rows.sum(-1) * hscale if mode == MODE_HINGE else torch.logsumexp(rows, -1) - 2.0 * math.log(B)
-    return loss, rows, empty
+    return (loss, rows, *_empty_state(z, _acc_dtype(z.dtype)))
 
 
 @dispersive_fwd.register_fake
-def _(z, variant, tau, margin, backend, path):
+def _(z, variant, tau, margin, backend, path, need_w):
+    _check_op_args(variant, path, backend)
     G, B, M = z.shape
     acc = _acc_dtype(z.dtype)
-    loss = z.new_empty((G,), dtype=acc)
+    loss, rows = z.new_empty((G,), dtype=acc), z.new_empty((G, B), dtype=acc)
     if path == "gram":
+        planes, wdt = _prims(backend).w_layout(z.dtype, variant, need_w)
         stats = z.new_empty((G, 2, M) if variant == "covariance" else (G, 0, 0), dtype=acc)
-        return loss, z.new_empty((G, B, B), dtype=acc), stats
-    return loss, z.new_empty((G, B), dtype=acc), z.new_empty((G, 0, 0), dtype=acc)
+        return loss, rows, z.new_empty((G, planes, B, B), dtype=wdt), z.new_empty((G, B + 1), dtype=acc), stats
+    return (loss, rows, *_empty_state(z, acc))
 
 
 @torch.library.custom_op("contrastgen::dispersive_bwd", mutates_args=())
-def dispersive_bwd(grad: Tensor, z: Tensor, loss: Tensor, aux: Tensor, stats: Tensor, variant: str, tau: float,
-                   margin: float, backend: str, path: str) -> Tensor:
+def dispersive_bwd(grad: Tensor, z: Tensor, loss: Tensor, rows: Tensor, w: Tensor, scales: Tensor, stats: Tensor,
+                   variant: str, tau: float, margin: float, backend: str, path: str) -> Tensor:
     """dL/dz (G, B, M) in z's dtype for the upstream gradient grad (G,)."""
+    _check_op_args(variant, path, backend)
     P = _prims(backend)
     G, B, M = z.shape
     if path == "gram":
-        w = gram_weights(aux, loss, grad, variant, tau, margin, M)
-        if variant == "covariance":
-            dg = grad.to(aux.dtype) * (-4.0 / B)
-            return P.stream_wz(w, z, cov=(stats[:, 0], stats[:, 1], dg), eps=BN_EPS)
-        return P.stream_wz(w, z)
+        return P.gram_backward(grad, z, w, scales, stats, variant, BN_EPS)
     mode, alpha, mg, hscale = _tiled_params(variant, tau, margin, B, M)
-    lse = torch.logsumexp(aux, -1) if mode != MODE_HINGE else torch.zeros_like(loss)
-    return P.pairs_bwd(z, lse, grad, mode, alpha, mg, hscale, False)
+    lse = torch.logsumexp(rows, -1) if mode != MODE_HINGE else torch.zeros_like(loss)
+    gout = grad * (0.0 * loss + 1.0)      # a non-finite loss makes every gradient entry of its group non-finite
+    return P.pairs_bwd(z, lse, gout, mode, alpha, mg, hscale, False)
 
 
 @dispersive_bwd.register_fake
-def _(grad, z, loss, aux, stats, variant, tau, margin, backend, path):
+def _(grad, z, loss, rows, w, scales, stats, variant, tau, margin, backend, path):
+    _check_op_args(variant, path, backend)
     return torch.empty_like(z)
 
 
 def _dispersive_setup(ctx, inputs, output):
-    z, variant, tau, margin, backend, path = inputs
-    loss, aux, stats = output
-    ctx.save_for_backward(z, loss, aux, stats)
+    z, variant, tau, margin, backend, path, need_w = inputs
+    ctx.save_for_backward(z, *output)
     ctx.args = (variant, tau, margin, backend, path)
 
 
-def _dispersive_backward(ctx, grad_loss, grad_aux, grad_stats):
-    z, loss, aux, stats = ctx.saved_tensors
+def _dispersive_backward(ctx, grad_loss, *_):
+    z, loss, rows, w, scales, stats = ctx.saved_tensors
     variant, tau, margin, backend, path = ctx.args
-    dz = dispersive_bwd(grad_loss.contiguous(), z, loss, aux, stats, variant, tau, margin, backend, path)
-    return dz, None, None, None, None, None
+    dz = dispersive_bwd(grad_loss.contiguous(), z, loss, rows, w, scales, stats, variant, tau, margin, backend, path)
+    return dz, None, None, None, None, None, None
 
 
 dispersive_fwd.register_autograd(_dispersive_backward, setup_context=_dispersive_setup)
@@ -207,7 +171,8 @@ def _(x, t, backend):
 @torch.library.custom_op("contrastgen::uniformity_bwd", mutates_args=())
 def uniformity_bwd(grad: Tensor, x: Tensor, rows: Tensor, t: float, backend: str) -> Tensor:
     lse = torch.logsumexp(rows, 0).reshape(1)
-    return _prims(backend).pairs_bwd(x.unsqueeze(0), lse, grad.reshape(1), MODE_L2, t, 0.0, 0.0, True)[0]
+    gout = grad.reshape(1) * (0.0 * lse + 1.0)     # non-finite loss -> no finite gradient entry
+    return _prims(backend).pairs_bwd(x.unsqueeze(0), lse, gout, MODE_L2, t, 0.0, 0.0, True)[0]
 
 
 @uniformity_bwd.register_fake
@@ -238,11 +203,20 @@ def dispersive_core(backend: str, z3: Tensor, variant: str, tau: float, margin: 
     z = z3.contiguous()
     if path == "tiled" and variant == "infonce_cosine":
         z = F.normalize(z.to(_acc_dtype(z.dtype)), dim=-1)
-    loss, _, _ = torch.ops.contrastgen.dispersive_fwd(z, variant, float(tau), float(margin), backend, path)
+    need_w = z.requires_grad and torch.is_grad_enabled()       # no weight matrix for a forward-only call
+    loss = torch.ops.contrastgen.dispersive_fwd(z, variant, float(tau), float(margin), backend, path, need_w)[0]
     return loss.float() if loss.dtype != torch.float64 else loss
 
 
-def uniformity_core(backend: str, x: Tensor, t: float) -> Tensor:
-    """Uniformity (0-d) of x (N, D) on a fused ``backend``, float32 (float64 for float64 input)."""
+def uniformity_core(backend: str, x: Tensor, t) -> Tensor:
+    """Uniformity (0-d) of x (N, D) on a fused ``backend``, float32 (float64 for float64 input).
+
+    t: a float, or a one-element tensor (differentiable): the loss depends on t and x only through t ||x_i - x_j||^2,
+    so it is computed as the loss of sqrt(t) x at t = 1 (in the accumulation dtype) and autograd carries the
+    gradient to both (no host read of t)."""
+    if isinstance(t, Tensor):
+        acc = _acc_dtype(x.dtype)
+        x = x.to(acc) * t.reshape(()).to(device=x.device, dtype=acc).sqrt()
+        t = 1.0
     loss, _ = torch.ops.contrastgen.uniformity_fwd(x.contiguous(), float(t), backend)
     return loss.float() if loss.dtype != torch.float64 else loss
