@@ -719,51 +719,143 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
                 // exponential per element; valid while exp(lse_i - R) <= e^40 (terms lost to the e^-87 underflow
                 // of exp(x - lse_i) are then below e^-47 in absolute value).  NaN lse or R: not factored.
                 const bool factored = symmetric && std::isfinite(col_ref) && (double)lse - col_ref <= kBwdFactorRange;
-                float Tn = 0.f, ed = 0.f;
-                if (has_row || factored) {  // pass A: row exponentials (in-batch and bank columns)
-                    auto rowexp = [&](int64_t j0, int64_t j1) {
-                        float t = 0.f;
-#pragma omp simd reduction(+ : t)
-                        for (int64_t j = j0; j < j1; ++j) {
-                            const float e = fast_exp(scale * x[j] - lse);
-                            er[j] = e;
-                            t += e;
-                        }
-                        return t;
-                    };
-                    Tn = rowexp(0, dg) + rowexp(d1, C);
-                    if (has_row) ed = er[gi] = fast_exp(scale * x[gi] - lse);
-                }
-                const float T = Tn + ed;
-                const float w = has_row ? gr / T : 0.f;
-                const float drow = has_row ? -gr * (Tn / T) : 0.f;  // the diagonal's row term g (e_d / T - 1)
                 const float s_diag = has_row ? x[gi] : 0.f;
-                float ddiag = drow;                                 // + its column term below
-                if (factored) {
-                    const float a = (float)std::exp((double)lse - col_ref);
-                    auto f = [&](int64_t j, float) { return er[j] * (w + a * ccb[j]); };
-                    acc = ds_range(x, 0, dg, scale, f) + ds_range(x, d1, m, scale, f);
-                    if (has_row) ddiag += cpk[gi] * (ed * a * ccb[gi]) - cpc[gi];
-                } else if (symmetric) {
+                const float ed = has_row ? fast_exp(scale * s_diag - lse) : 0.f;
+                float ddiag = 0.f;  // dS of the diagonal entry (row term + column term)
+                if (factored || !symmetric) {
+                    // pass A, in place: x_j <- e_j = exp(x_j - lse); T_n (all but the diagonal), sum e s, sum e cb s
+                    const float a = factored ? (float)std::exp((double)lse - col_ref) : 0.f;
+                    const int64_t end = symmetric ? m : C;
+                    float Tn = 0.f, es = 0.f, ecs = 0.f;
+                    if (factored) {
+                        auto pass_a = [&](int64_t j0, int64_t j1) {
+#pragma omp simd reduction(+ : Tn, es, ecs)
+                            for (int64_t j = j0; j < j1; ++j) {
+                                const float s = x[j];
+                                const float e = fast_exp(scale * s - lse);
+                                Tn += e;
+                                es += e * s;
+                                ecs += (e * ccb[j]) * s;
+                                x[j] = e;
+                            }
+                        };
+                        pass_a(0, dg);
+                        pass_a(d1, end);
+                    } else if (has_row) {  // (separate loops: a masked-off ccb[j] would still be loaded)
+                        auto pass_a = [&](int64_t j0, int64_t j1) {
+#pragma omp simd reduction(+ : Tn, es)
+                            for (int64_t j = j0; j < j1; ++j) {
+                                const float s = x[j];
+                                const float e = fast_exp(scale * s - lse);
+                                Tn += e;
+                                es += e * s;
+                                x[j] = e;
+                            }
+                        };
+                        pass_a(0, dg);
+                        pass_a(d1, end);
+                    }
+                    const float T = Tn + ed;
+                    const float w = has_row ? gr / T : 0.f;
+                    if (has_row || factored) {
+                        // pass B: x_j <- scale e_j (w + a cb_j)
+                        const float sw = scale * w, sa = scale * a;
+                        auto pass_b = [&](int64_t j0, int64_t j1) {
+                            if (factored) {
+#pragma omp simd
+                                for (int64_t j = j0; j < j1; ++j) x[j] *= sw + sa * ccb[j];
+                            } else {
+#pragma omp simd
+                                for (int64_t j = j0; j < j1; ++j) x[j] *= sw;
+                            }
+                        };
+                        pass_b(0, dg);
+                        pass_b(d1, end);
+                        acc = w * es + a * ecs;
+                    } else {
+                        for (int64_t j = 0; j < C; ++j) x[j] = 0.f;  // no positive, no columns: the row's dS is 0
+                    }
+                    if (has_row) {
+                        ddiag = -gr * (Tn / T);  // the diagonal's row term g (e_d / T - 1), without cancellation
+                        if (factored) ddiag += cpk[gi] * (ed * a * ccb[gi]) - cpc[gi];
+                    }
+                } else {
+                    // symmetric, lse spread too wide to factor: two exponentials per element, row exps in scratch
+                    float Tn = 0.f;
+                    if (has_row) {
+                        auto rowexp = [&](int64_t j0, int64_t j1) {
+#pragma omp simd reduction(+ : Tn)
+                            for (int64_t j = j0; j < j1; ++j) {
+                                const float e = fast_exp(scale * x[j] - lse);
+                                er[j] = e;
+                                Tn += e;
+                            }
+                        };
+                        rowexp(0, dg);
+                        rowexp(d1, m);
+                    }
+                    const float T = Tn + ed;
+                    const float w = has_row ? gr / T : 0.f;
                     auto f = [&](int64_t j, float s) {
                         return (has_row ? w * er[j] : 0.f) + cw[j] * fast_exp(scale * s - clse[j]);
                     };
                     acc = ds_range(x, 0, dg, scale, f) + ds_range(x, d1, m, scale, f);
-                    if (has_row) ddiag += cpk[gi] * (cw[gi] * fast_exp(scale * s_diag - clse[gi])) - cpc[gi];
-                } else if (has_row) {
-                    auto f = [&](int64_t j, float) { return w * er[j]; };
-                    acc = ds_range(x, 0, dg, scale, f) + ds_range(x, d1, C, scale, f);
-                } else {
-                    for (int64_t j = 0; j < C; ++j) x[j] = 0.f;  // no positive, no columns: the row's dS is 0
+                    if (has_row)
+                        ddiag = -gr * (Tn / T) + (cpk[gi] * (cw[gi] * fast_exp(scale * s_diag - clse[gi])) - cpc[gi]);
                 }
                 if (has_row) {
                     acc += ddiag * s_diag;
                     x[gi] = scale * ddiag;
                 }
+            } else if (!symmetric) {
+                const bool has_row = npos > 0.f;
+                if (!has_row) {
+                    for (int64_t j = 0; j < C; ++j) x[j] = 0.f;  // no positive: the row's dS is 0
+                } else {
+                    // pass A, in place: x_j <- e_j over the valid set; sums for T and for dscale
+                    float Tn = 0.f, Tp = 0.f, esn = 0.f, esp = 0.f, ps = 0.f;
+#pragma omp simd reduction(+ : Tn, Tp, esn, esp, ps)
+                    for (int64_t j = 0; j < m; ++j) {
+                        const float s = x[j];
+                        const bool p = mk.pos(j);
+                        const bool va = mk.valid(j, p);
+                        const float e = va ? fast_exp(scale * s - lse) : 0.f;
+                        // 0/1 factors, not `p ? e : 0` selects: GCC 12 miscompiled this loop's five conditional
+                        // reductions under `omp simd` (garbage in masked lanes, rows of NaN; 2026-12-01, caught by
+                        // tests/test_infonce_cpp.py::test_every_diagonal_position)
+                        const float pf = p ? 1.f : 0.f, nf = 1.f - pf;
+                        Tn += nf * e;
+                        Tp += pf * e;
+                        esn += nf * (e * s);
+                        esp += pf * (e * s);
+                        ps += pf * s;
+                        x[j] = e;
+                    }
+#pragma omp simd reduction(+ : Tn, esn)
+                    for (int64_t j = m; j < C; ++j) {
+                        const float s = x[j];
+                        const float e = fast_exp(scale * s - lse);
+                        Tn += e;
+                        esn += e * s;
+                        x[j] = e;
+                    }
+                    const float T = Tn + Tp;
+                    const float w = gr / T;
+                    // positives: g (e_p / T - 1 / npos); with one positive -g T_n / T (no cancellation)
+                    const float kp = npos == 1.f ? 0.f : 1.f;
+                    const float cp = npos == 1.f ? gr * (Tn / T) : gr / npos;
+                    const float sw = scale * w, skp = scale * kp * w, scp = scale * cp;
+#pragma omp simd
+                    for (int64_t j = 0; j < m; ++j) x[j] = mk.pos(j) ? x[j] * skp - scp : x[j] * sw;
+#pragma omp simd
+                    for (int64_t j = m; j < C; ++j) x[j] *= sw;
+                    acc = w * (esn + kp * esp) - cp * ps;
+                }
             } else {
+                // symmetric with labels: row exponentials in scratch, the column exponential in the second pass
                 const bool has_row = npos > 0.f;
                 float Tn = 0.f, Tp = 0.f;
-                if (has_row) {  // pass A: row exponentials over the valid set
+                if (has_row) {
 #pragma omp simd reduction(+ : Tn, Tp)
                     for (int64_t j = 0; j < m; ++j) {
                         const bool p = mk.pos(j);
@@ -773,54 +865,24 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
                         Tn += (va && !p) ? e : 0.f;
                         Tp += p ? e : 0.f;
                     }
-#pragma omp simd reduction(+ : Tn)
-                    for (int64_t j = m; j < C; ++j) {
-                        const float e = fast_exp(scale * x[j] - lse);
-                        er[j] = e;
-                        Tn += e;
-                    }
                 }
                 const float T = Tn + Tp;
                 const float w = has_row ? gr / T : 0.f;
-                // positives: g (e_p / T - 1 / npos); with one positive -g T_n / T (no cancellation)
                 const float kp = npos == 1.f ? 0.f : 1.f;
                 const float cp = !has_row ? 0.f : (npos == 1.f ? gr * (Tn / T) : gr / npos);
-                if (!symmetric) {
-                    if (!has_row) {
-                        for (int64_t j = 0; j < C; ++j) x[j] = 0.f;
-                    } else {
 #pragma omp simd reduction(+ : acc)
-                        for (int64_t j = 0; j < m; ++j) {
-                            const float s = x[j];
-                            const bool p = mk.pos(j);
-                            const float rw = w * er[j];
-                            const float d = p ? kp * rw - cp : rw;
-                            acc += d * s;
-                            x[j] = scale * d;
-                        }
-#pragma omp simd reduction(+ : acc)
-                        for (int64_t j = m; j < C; ++j) {
-                            const float s = x[j];
-                            const float d = w * er[j];
-                            acc += d * s;
-                            x[j] = scale * d;
-                        }
-                    }
-                } else {
-#pragma omp simd reduction(+ : acc)
-                    for (int64_t j = 0; j < m; ++j) {
-                        const float s = x[j];
-                        const float v = scale * s;
-                        const bool p = mk.pos(j);
-                        const bool va = mk.valid(j, p);
-                        float rw = has_row ? w * er[j] : 0.f;
-                        rw = p ? kp * rw - cp : rw;
-                        float c = va ? cw[j] * fast_exp(v - clse[j]) : 0.f;
-                        c = p ? cpk[j] * c - cpc[j] : c;
-                        const float d = rw + c;
-                        acc += d * s;
-                        x[j] = scale * d;
-                    }
+                for (int64_t j = 0; j < m; ++j) {
+                    const float s = x[j];
+                    const float v = scale * s;
+                    const bool p = mk.pos(j);
+                    const bool va = mk.valid(j, p);
+                    float rw = has_row ? w * er[j] : 0.f;
+                    rw = p ? kp * rw - cp : rw;
+                    float c = va ? cw[j] * fast_exp(v - clse[j]) : 0.f;
+                    c = p ? cpk[j] * c - cpc[j] : c;
+                    const float d = rw + c;
+                    acc += d * s;
+                    x[j] = scale * d;
                 }
             }
             dscale += acc;

@@ -1,5 +1,8 @@
 """The public losses: validate, pick a backend, run it.
 
+float64 (2026-12-01, issue 9 item 2): the fused kernels compute in float32, so float64 inputs run the float64
+reference on every backend (:func:`_backend`); ``gradcheck`` passes at this API on every backend.
+
 Each public function resolves the backend of its op (the table in ``_backends.py``: ``"infonce"``,
 ``"siglip"``, ``"dispersive"``, ``"uniformity"``, ...) and calls the op's core (``infonce_core`` ... in
 ``infonce.py`` / ``dispersive.py``) with it; the ``"torch"`` backend runs the dense references in
@@ -7,6 +10,7 @@ Each public function resolves the backend of its op (the table in ``_backends.py
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -21,6 +25,22 @@ from .infonce import infonce_core, siglip_core
 POSITIVES = ("diagonal", "supcon", "pml")
 REDUCTIONS = ("none", "mean", "sum")
 DISPERSIVE_VARIANTS = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
+
+
+def _backend(op: str, backend, *tensors) -> str:
+    """The backend that runs ``op``: ``resolve_backend``'s choice (which also rejects a bad ``backend``), except
+    that float64 inputs always run the float64 reference -- the fused kernels would compute them in float32."""
+    name = resolve_backend(op, backend, tensors[0].device)
+    if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors):
+        return "torch"
+    return name
+
+
+def _reference_only(op: str, backend, device) -> None:
+    """Ops without a fused kernel: an explicitly requested backend must exist (else ValueError); the default
+    is the reference without a fallback warning (there is nothing to fall back from)."""
+    if backend is not None or os.environ.get("CONTRASTGEN_BACKEND", "").strip():
+        resolve_backend(op, backend, device)
 
 
 def _zero_grad_anchor(loss: torch.Tensor, *tensors) -> torch.Tensor:
@@ -38,9 +58,10 @@ def info_nce(query, key=None, *, temperature=0.07, labels=None, key_labels=None,
 
     query (N, D); key (M, D) or None (the queries are the keys, self-pairs excluded); labels (N,) and
     key_labels (M,) integer tensors for ``positives="supcon"|"pml"``; negatives (K, D) a bank shared by
-    all queries.  Returns a scalar, or (N,) with ``reduction="none"``.
+    all queries.  Returns a scalar, or (N,) with ``reduction="none"``.  float64 inputs run the float64 reference.
     """
     V.check_tensor("query", query, ndim=2)
+    V.check_bool("symmetric", symmetric)
     V.check_choice("positives", positives, POSITIVES)
     V.check_choice("reduction", reduction, REDUCTIONS)
     temperature = V.check_positive_scalar("temperature", temperature, like=query)
@@ -76,15 +97,15 @@ def info_nce(query, key=None, *, temperature=0.07, labels=None, key_labels=None,
         V.check_feature_dim(("query", "negatives"), (query, negatives))
     if in_batch_negatives is None:
         in_batch_negatives = negatives is None
-    elif not isinstance(in_batch_negatives, bool):
-        raise TypeError(f"in_batch_negatives must be a bool or None, got {type(in_batch_negatives).__name__}")
+    else:
+        V.check_bool("in_batch_negatives", in_batch_negatives)
     if symmetric:
         if key is None or negatives is not None or positives == "pml":
             raise ValueError("symmetric=True needs key, no negatives bank, and positives 'diagonal' or 'supcon'")
         if reduction == "none" and m != n:
             raise ValueError(f"symmetric=True with reduction='none' needs N == M, got query {tuple(query.shape)}, key {tuple(key.shape)}")
 
-    name = resolve_backend("infonce", backend, query.device)
+    name = _backend("infonce", backend, query, key, negatives)
     if name == "torch":
         return ref.info_nce_ref(query, key, temperature=temperature, labels=labels, key_labels=key_labels,
                                 positives=positives, negatives=negatives, in_batch_negatives=in_batch_negatives,
@@ -126,12 +147,13 @@ def _check_pair(image, text):
 def clip_loss(image, text, logit_scale, logit_bias=None, *, backend=None):
     """OpenCLIP ``ClipLoss``: symmetric cross-entropy of ``logit_scale * image @ text.T (+ logit_bias)``.
 
-    ``logit_scale`` is the multiplier (already exponentiated).  image, text: (N, D) -> scalar."""
+    ``logit_scale`` is the multiplier (already exponentiated).  image, text: (N, D) -> scalar.  float64 inputs run
+    the float64 reference."""
     _check_pair(image, text)
     logit_scale = V.check_positive_scalar("logit_scale", logit_scale, like=image)
     if logit_bias is not None:
         logit_bias = V.check_finite_scalar("logit_bias", logit_bias)
-    name = resolve_backend("infonce", backend, image.device)
+    name = _backend("infonce", backend, image, text)
     if name == "torch":
         return ref.clip_loss_ref(image, text, logit_scale, logit_bias)
     scale = V.to_scalar_tensor(logit_scale, image)
@@ -141,11 +163,12 @@ def clip_loss(image, text, logit_scale, logit_bias=None, *, backend=None):
 
 
 def siglip_loss(image, text, logit_scale, logit_bias, *, backend=None):
-    """OpenCLIP ``SigLipLoss``: ``-(1/N) sum_ij log sigmoid(y_ij (logit_scale x_i.y_j + logit_bias))``."""
+    """OpenCLIP ``SigLipLoss``: ``-(1/N) sum_ij log sigmoid(y_ij (logit_scale x_i.y_j + logit_bias))``.
+    float64 inputs run the float64 reference."""
     _check_pair(image, text)
     logit_scale = V.check_positive_scalar("logit_scale", logit_scale, like=image)
     logit_bias = V.check_finite_scalar("logit_bias", logit_bias)
-    name = resolve_backend("siglip", backend, image.device)
+    name = _backend("siglip", backend, image, text)
     if name == "torch":
         return ref.siglip_loss_ref(image, text, logit_scale, logit_bias)
     row = siglip_core(name, image, text, V.to_scalar_tensor(logit_scale, image), V.to_scalar_tensor(logit_bias, image))
@@ -153,14 +176,15 @@ def siglip_loss(image, text, logit_scale, logit_bias, *, backend=None):
 
 
 def nt_xent(z1, z2, *, temperature=0.5, backend=None):
-    """SimCLR NT-Xent over two views z1, z2 (N, D): cosine similarity / temperature, positive = other view."""
+    """SimCLR NT-Xent over two views z1, z2 (N, D): cosine similarity / temperature, positive = other view.
+    float64 inputs run the float64 reference."""
     V.check_tensor("z1", z1, ndim=2)
     V.check_tensor("z2", z2, ndim=2)
     V.check_same(("z1", "z2"), (z1, z2))
     if z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must have the same shape (N, D): z1 {tuple(z1.shape)}, z2 {tuple(z2.shape)}")
     temperature = V.check_positive_scalar("temperature", temperature, like=z1)
-    name = resolve_backend("infonce", backend, z1.device)
+    name = _backend("infonce", backend, z1, z2)
     if name == "torch":
         return ref.nt_xent_ref(z1, z2, temperature)
     n = z1.shape[0]
@@ -176,7 +200,9 @@ def dispersive_loss(z, *, variant="infonce_l2", tau=0.5, margin=1.0, grouped=Fal
     """Dispersive Loss (Wang & He 2025) of B samples flattened to M features.
 
     z (B, ...) -> scalar; with ``grouped=True`` z (G, B, ...) -> (G,) (G independent groups in one call).
-    See :func:`contrastgen.reference.dispersive_loss_ref` for the variants."""
+    See :func:`contrastgen.reference.dispersive_loss_ref` for the variants.  float64 inputs run the float64
+    reference."""
+    V.check_bool("grouped", grouped)
     V.check_tensor("z", z, min_ndim=3 if grouped else 2)
     V.check_choice("variant", variant, DISPERSIVE_VARIANTS)
     tau = V.check_positive_scalar("tau", tau)
@@ -186,7 +212,7 @@ def dispersive_loss(z, *, variant="infonce_l2", tau=0.5, margin=1.0, grouped=Fal
     z3 = z if grouped else z.unsqueeze(0)
     if variant == "covariance" and z3.shape[1] < 2:
         raise ValueError(f"variant='covariance' needs at least 2 samples per group, got z of shape {tuple(z.shape)}")
-    name = resolve_backend("dispersive", backend, z.device)
+    name = _backend("dispersive", backend, z)
     if name == "torch":
         out = ref.dispersive_loss_ref(z3, variant=variant, tau=tau, margin=margin, grouped=True)
     else:
@@ -195,12 +221,13 @@ def dispersive_loss(z, *, variant="infonce_l2", tau=0.5, margin=1.0, grouped=Fal
 
 
 def uniformity(x, *, t=2.0, backend=None):
-    """Wang & Isola uniformity ``log mean_{i<j} exp(-t ||x_i - x_j||^2)`` of x (N, D), N >= 2."""
+    """Wang & Isola uniformity ``log mean_{i<j} exp(-t ||x_i - x_j||^2)`` of x (N, D), N >= 2.  float64 inputs
+    run the float64 reference."""
     V.check_tensor("x", x, min_ndim=2)
     t = V.check_positive_scalar("t", t)
     if x.shape[0] < 2:
         raise ValueError(f"uniformity needs at least 2 samples, got x of shape {tuple(x.shape)}")
-    name = resolve_backend("uniformity", backend, x.device)
+    name = _backend("uniformity", backend, x)
     if name == "torch":
         return ref.uniformity_ref(x, t=t)
     return uniformity_core(name, x.reshape(x.shape[0], -1), t).to(x.dtype)
@@ -220,6 +247,8 @@ def alignment(x, y, *, alpha=2.0):
 # --------------------------------------------------------------------------- PatchNCE
 def patch_nce(query, key, *, temperature=0.07, all_negatives_from_minibatch=False, detach_key=True, backend=None):
     """CUT PatchNCE: query/key (B, P, C), or equal-length lists of them (one per layer) -> mean over layers."""
+    V.check_bool("all_negatives_from_minibatch", all_negatives_from_minibatch)
+    V.check_bool("detach_key", detach_key)
     qs = [query] if isinstance(query, torch.Tensor) else list(query)
     ks = [key] if isinstance(key, torch.Tensor) else list(key)
     if len(qs) != len(ks) or not qs:
@@ -231,7 +260,7 @@ def patch_nce(query, key, *, temperature=0.07, all_negatives_from_minibatch=Fals
         if q.shape != k.shape:
             raise ValueError(f"query[{i}] and key[{i}] must have the same shape (B, P, C): {tuple(q.shape)} vs {tuple(k.shape)}")
     temperature = V.check_positive_scalar("temperature", temperature)
-    resolve_backend("patch_nce", backend, qs[0].device)
+    _reference_only("patch_nce", backend, qs[0].device)
     return ref.patch_nce_ref(qs, ks, temperature=temperature, all_negatives_from_minibatch=all_negatives_from_minibatch,
                              detach_key=detach_key)
 
@@ -240,6 +269,7 @@ def patch_nce(query, key, *, temperature=0.07, all_negatives_from_minibatch=Fals
 def attention_nce(maps, token_groups: Sequence[Sequence[int]], *, prev_maps=None, temperature=0.5,
                   softmax_normalize=False, smoothing="conform", loss="ntxent", backend=None):
     """CONFORM's contrastive loss over cross-attention maps (H, W, 77) -> scalar or (B, H, W, 77) -> (B,)."""
+    V.check_bool("softmax_normalize", softmax_normalize)
     V.check_tensor("maps", maps, ndim=(3, 4))
     if maps.shape[-1] < 3:
         raise ValueError(f"maps must have a token axis (last) with at least 3 entries, got shape {tuple(maps.shape)}")
@@ -269,6 +299,6 @@ def attention_nce(maps, token_groups: Sequence[Sequence[int]], *, prev_maps=None
             seen.add(t)
     if maps.shape[-3] < 2 or maps.shape[-2] < 2:
         raise ValueError(f"maps must be at least 2x2 spatially for the reflect-padded smoothing, got {tuple(maps.shape)}")
-    resolve_backend("attention_nce", backend, maps.device)
+    _reference_only("attention_nce", backend, maps.device)
     return ref.attention_nce_ref(maps, token_groups, prev_maps=prev_maps, temperature=temperature,
                                  softmax_normalize=softmax_normalize, smoothing=smoothing, loss=loss)
