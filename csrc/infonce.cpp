@@ -194,6 +194,8 @@ struct Masks {
 //   col_state (5, m) float64, symmetric only: running [max, sum over valid non-positive rows of exp(x - max),
 //             the same over positive rows, sum of positive x, npos] (initialise to [-inf, 0, 0, 0, 0]; finish with
 //             infonce_col_finalize)
+// Sums of positive logits are accumulated max-shifted (x_p - mx in float32, exact for nearby values), so that
+// lse - mean_p x_p keeps its precision at |x| = 1e4 where float32 sums of x_p would not.
 static constexpr int kColState = 5;
 
 static inline double softplus_d(double v) { return v > 0 ? v + std::log1p(std::exp(-v)) : std::log1p(std::exp(v)); }
@@ -368,10 +370,11 @@ static void infonce_fwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t m,
                     for (int64_t j = dg + 1; j < m; ++j) sn += fast_exp(scale * x[j] - mx);
                 }
                 if (gi < m) {
-                    possum = scale * x[gi];
-                    sp = fast_exp(possum - mx);
+                    const float v = scale * x[gi];
+                    possum = v - mx;
+                    sp = fast_exp(possum);
                     npos = 1.f;
-                    if (symmetric) cpos[gi] += possum, cnp[gi] += 1.f;
+                    if (symmetric) cpos[gi] += v - colref[gi], cnp[gi] += 1.f;
                 }
             } else if (!symmetric && !pml) {
 #pragma omp simd reduction(+ : sn, sp, possum, npos)
@@ -381,7 +384,7 @@ static void infonce_fwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t m,
                     const float e = fast_exp(v - mx);
                     sn += (mk.valid(j, p) && !p) ? e : 0.f;
                     sp += p ? e : 0.f;
-                    possum += p ? v : 0.f;
+                    possum += p ? v - mx : 0.f;
                     npos += p ? 1.f : 0.f;
                 }
             } else if (!symmetric) {
@@ -405,12 +408,12 @@ static void infonce_fwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t m,
                     const float e = fast_exp(v - mx);
                     sn += (va && !p) ? e : 0.f;
                     sp += p ? e : 0.f;
-                    possum += p ? v : 0.f;
+                    possum += p ? v - mx : 0.f;
                     npos += p ? 1.f : 0.f;
                     const float ec = fast_exp(v - cr[j]);
                     csn[j] += (va && !p) ? ec : 0.f;
                     csp[j] += p ? ec : 0.f;
-                    cpos[j] += p ? v : 0.f;
+                    cpos[j] += p ? v - cr[j] : 0.f;
                     cnp[j] += p ? 1.f : 0.f;
                 }
             }
@@ -441,10 +444,10 @@ static void infonce_fwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t m,
                     }
                     l = facc;
                 }
-            } else if (npos == 1.f) {
-                l = (float)softplus_d(std::log((double)sn) + (double)mx - (double)possum);
-            } else if (npos > 0.f) {
-                l = (float)(lse - (double)possum / (double)npos);
+            } else if (npos == 1.f) {  // possum = x_p - mx: softplus(log(sn) + mx - x_p)
+                l = (float)softplus_d(std::log((double)sn) - (double)possum);
+            } else if (npos > 0.f) {   // lse - mean_p x_p = log(sum) - mean_p (x_p - mx): max-shifted
+                l = (float)(std::log(sum) - (double)possum / (double)npos);
             }
             loss[r] = l;
             stats[2 * r] = (float)lse;
@@ -463,6 +466,7 @@ static void infonce_fwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t m,
                     ps += base[3 * m + j];
                     np += base[4 * m + j];
                 }
+                if (np > 0.0) ps += np * (double)colref[j];  // the partials hold x - colref_j (max-shifted)
                 if (sn + sp != 0.0) {  // (NaN != 0): running (max, sums) <- merge with (cref, sums)
                     const double oldmax = cs[j];
                     if (cs[m + j] + cs[2 * m + j] == 0.0) {
@@ -579,6 +583,17 @@ void infonce_col_norm_block(f32arr S, double scale_d, int64_t row0, i64arr q_lab
     else infonce_col_norm_impl<false>(S, scale_d, row0, q_labels, k_labels, in_batch_negatives, col_lse, col_acc);
 }
 
+// A row whose dS is 0: zeroes it and returns 0, or NaN when the row holds a non-finite product (see `Poison`).
+static inline float zero_row(float* x, int64_t C) {
+    float bad = 0.f;
+#pragma omp simd reduction(+ : bad)
+    for (int64_t j = 0; j < C; ++j) {
+        bad += std::isfinite(x[j]) ? 0.f : 1.f;
+        x[j] = 0.f;
+    }
+    return bad > 0.f ? std::numeric_limits<float>::quiet_NaN() : 0.f;
+}
+
 // One pass of the backward over columns [j0, j1) of a row: d = f(j, s) is dS_ij, s the raw dot product; the row is
 // overwritten with scale * d and sum_j d s (for dscale) is returned.
 template <class Fn>
@@ -658,7 +673,9 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
             const float gr = g[r];
             float acc = 0.f;
             if (pml) {
-                if (lse == kNegInf) {
+                if (npos == 0.f) {
+                    acc = zero_row(x, C);  // no positive pair: dS = 0 (NaN if the row holds a NaN, see below)
+                } else if (lse == kNegInf) {
                     // no negatives: every r_ip = 0; a NaN / inf positive logit still poisons its entry (0 * x)
 #pragma omp simd reduction(+ : acc)
                     for (int64_t j = 0; j < m; ++j) {
@@ -773,7 +790,7 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
                         pass_b(d1, end);
                         acc = w * es + a * ecs;
                     } else {
-                        for (int64_t j = 0; j < C; ++j) x[j] = 0.f;  // no positive, no columns: the row's dS is 0
+                        acc = zero_row(x, C);  // no positive, no columns: the row's dS is 0
                     }
                     if (has_row) {
                         ddiag = -gr * (Tn / T);  // the diagonal's row term g (e_d / T - 1), without cancellation
@@ -810,7 +827,7 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
             } else if (!symmetric) {
                 const bool has_row = npos > 0.f;
                 if (!has_row) {
-                    for (int64_t j = 0; j < C; ++j) x[j] = 0.f;  // no positive: the row's dS is 0
+                    acc = zero_row(x, C);  // no positive: the row's dS is 0
                 } else {
                     // pass A, in place: x_j <- e_j over the valid set; sums for T and for dscale
                     float Tn = 0.f, Tp = 0.f, esn = 0.f, esp = 0.f, ps = 0.f;
@@ -845,8 +862,12 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
                     const float kp = npos == 1.f ? 0.f : 1.f;
                     const float cp = npos == 1.f ? gr * (Tn / T) : gr / npos;
                     const float sw = scale * w, skp = scale * kp * w, scp = scale * cp;
+                    // entries outside the valid set are an exact 0, also in a NaN row (0 * NaN would not be)
 #pragma omp simd
-                    for (int64_t j = 0; j < m; ++j) x[j] = mk.pos(j) ? x[j] * skp - scp : x[j] * sw;
+                    for (int64_t j = 0; j < m; ++j) {
+                        const bool p = mk.pos(j);
+                        x[j] = p ? x[j] * skp - scp : (mk.valid(j, p) ? x[j] * sw : 0.f);
+                    }
 #pragma omp simd
                     for (int64_t j = m; j < C; ++j) x[j] *= sw;
                     acc = w * (esn + kp * esp) - cp * ps;
@@ -876,7 +897,7 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
                     const float v = scale * s;
                     const bool p = mk.pos(j);
                     const bool va = mk.valid(j, p);
-                    float rw = has_row ? w * er[j] : 0.f;
+                    float rw = (has_row && va) ? w * er[j] : 0.f;
                     rw = p ? kp * rw - cp : rw;
                     float c = va ? cw[j] * fast_exp(v - clse[j]) : 0.f;
                     c = p ? cpk[j] * c - cpc[j] : c;
@@ -885,6 +906,11 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
                     x[j] = scale * d;
                 }
             }
+            // Poison (issue 9 item 1): a NaN anywhere in the row's products, valid entry or not, makes the whole dS
+            // row NaN.  The reference's gradient is NaN there too, through its softmax / where() backward (0 * NaN),
+            // also for a row without positives; acc = sum_j dS_ij S_ij carries the NaN (0 * NaN terms included).
+            if (std::isnan(acc))
+                for (int64_t j = 0; j < C; ++j) x[j] = std::numeric_limits<float>::quiet_NaN();
             dscale += acc;
         }
     }

@@ -44,10 +44,11 @@ def _reference_only(op: str, backend, device) -> None:
 
 
 def _zero_grad_anchor(loss: torch.Tensor, *tensors) -> torch.Tensor:
-    """Adds ``0 * t`` so that every tensor argument gets a (zero) gradient, as in the reference."""
+    """Adds ``0 * loss * t`` so that every tensor argument gets a zero gradient, as in the reference -- and a
+    non-finite one when the loss is non-finite (the reference's gradient is NaN there too)."""
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.requires_grad:
-            loss = loss + 0.0 * t.sum().to(loss.dtype)
+            loss = loss + (0.0 * loss.detach()) * t.sum().to(loss.dtype)
     return loss
 
 
@@ -188,7 +189,12 @@ def nt_xent(z1, z2, *, temperature=0.5, backend=None):
     if name == "torch":
         return ref.nt_xent_ref(z1, z2, temperature)
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2], 0), dim=1)
+    # normalised in float32: in bf16 / fp16 the normalisation's backward cancels (g - z (z.g)) and amplifies the
+    # rounding of a not-quite-unit z (found by tests/test_fuzz.py).  The C++ kernel computes in float32 anyway and
+    # takes the float32 z; Triton gets it rounded back to the input dtype (its bf16 tensor-core products).
+    z = F.normalize(torch.cat([z1, z2], 0).float(), dim=1)
+    if name != "cpp":
+        z = z.to(z1.dtype)
     labels = torch.arange(n, device=z.device).repeat(2)
     scale = 1.0 / V.to_scalar_tensor(temperature, z1)
     row, _, _, _ = infonce_core(name, z, z, None, scale, labels, labels, True, True, False, False)
