@@ -10,12 +10,17 @@
 //
 // InfoNCE, logits x_ij = scale * S_ij (S_ij = q_i . key_j, C = M in-batch columns then K bank columns):
 //   forward, per row:    lse_i = log sum_{j in R_i} exp(x_ij)   (R_i = valid, or valid & !pos for pml)
-//                        supcon: loss_i = lse_i - mean_{p pos} x_ip;  pml: loss_i = sum_p softplus(lse_i - x_ip)
-//   forward, per column (symmetric): online (max, sum) of exp(x_ij) over valid i, across row blocks.
-//   backward: dS_ij = g_i (exp(x_ij - lse_i)[valid] - [pos]/npos_i)            (supcon rows)
-//                   = -g_i r_ij [pos] + g_i (sum_p r_ip) exp(x_ij - lse_i) [neg]  (pml, r = sigmoid(lse - x))
-//                   + gc_j (exp(x_ij - lsec_j)[valid] - [pos]/nposc_j)            (symmetric columns)
-//             the block is overwritten with scale * dS; dscale = sum dS_ij S_ij is returned.
+//                        supcon: loss_i = lse_i - mean_{p pos} x_ip, max-shifted, and with one positive the
+//                        positive-relative softplus(log sum_{j in R_i, j != p} exp(x_ij - mx) + mx - x_ip);
+//                        pml: loss_i = sum_p softplus(lse_i - x_ip)
+//   forward, per column (symmetric): online (max, sums of exp over the non-positive and the positive rows),
+//                        across row blocks.
+//   backward: dS_ij = g_i (P_ij[valid] - [pos]/npos_i)                          (supcon rows)
+//                   = -g_i r_ij [pos] + g_i (sum_p r_ip) P_ij [neg]               (pml, r = sigmoid(lse - x))
+//                   + gc_j (P^c_ij[valid] - [pos]/nposc_j)                        (symmetric columns)
+//             with P_ij = exp(x_ij - lse_i) / T_i renormalised in the row (T_i = its sum with the stored float32
+//             lse) and the lone positive's term written -g T_np / T; the block is overwritten with scale * dS;
+//             dscale = sum dS_ij S_ij is returned.  See "Non-finite logits" and "Positive-relative losses" below.
 // SigLIP, z_ij = scale S_ij + bias, y_ij = +1 on the diagonal, -1 elsewhere:
 //   loss_i = sum_j softplus(-y_ij z_ij);  dZ_ij = -g_i y_ij sigmoid(-y_ij z_ij); block <- scale dZ;
 //   returns (sum dZ_ij S_ij, sum dZ_ij).
