@@ -45,7 +45,9 @@ from contrastgen.ops import _dispatch  # noqa: E402
 
 # the Triton interpreter evaluates masked-off lanes in numpy too (exp of huge logits): harmless overflow warnings
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
-                                        "ignore:invalid value encountered:RuntimeWarning")
+                                        "ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning",
+                                        "ignore:Converting a tensor with requires_grad=True:UserWarning")
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 # floors relative to the magnitude: ~16 float32 ulps; one bf16 / fp16 ulp (a fused backward that rounds dS to bf16
