@@ -599,17 +599,85 @@ static inline float zero_row(float* x, int64_t C) {
     return bad > 0.f ? std::numeric_limits<float>::quiet_NaN() : 0.f;
 }
 
-// One pass of the backward over columns [j0, j1) of a row: d = f(j, s) is dS_ij, s the raw dot product; the row is
-// overwritten with scale * d and sum_j d s (for dscale) is returned.
-template <class Fn>
-static inline __attribute__((always_inline)) float ds_range(float* x, int64_t j0, int64_t j1, float scale, Fn f) {
-    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
+// Row passes of the backward as plain functions (2026-12-01): written as lambdas capturing the sums by reference,
+// GCC 12 did not vectorise them ("complicated access pattern") and the CLIP backward epilogue ran 4-15x slower.
+struct RowSums { float t, es, ecs; };
+static constexpr int kLanes = 16;  // explicit accumulator lanes (one AVX-512 vector of floats)
+
+// x_j <- e_j = exp(scale x_j - lse) on [j0, j1); returns (sum e, sum e s, sum e cb s) (cb may be null: no third sum)
+static inline __attribute__((always_inline)) RowSums row_exp_inplace(float* __restrict x, const float* __restrict cb,
+                                                                     int64_t j0, int64_t j1, float scale, float lse) {
+    float t = 0.f, es = 0.f, ecs = 0.f;
+    if (cb) {
+#pragma omp simd reduction(+ : t, es, ecs)
+        for (int64_t j = j0; j < j1; ++j) {
+            const float s = x[j];
+            const float e = fast_exp(scale * s - lse);
+            t += e;
+            es += e * s;
+            ecs += (e * cb[j]) * s;
+            x[j] = e;
+        }
+    } else {
+#pragma omp simd reduction(+ : t, es)
+        for (int64_t j = j0; j < j1; ++j) {
+            const float s = x[j];
+            const float e = fast_exp(scale * s - lse);
+            t += e;
+            es += e * s;
+            x[j] = e;
+        }
+    }
+    return {t, es, ecs};
+}
+
+// x_j <- x_j (sw + sa cb_j) on [j0, j1) (cb null: x_j sw)
+static inline __attribute__((always_inline)) void row_scale_inplace(float* __restrict x, const float* __restrict cb,
+                                                                    int64_t j0, int64_t j1, float sw, float sa) {
+    if (cb) {
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) x[j] *= sw + sa * cb[j];
+    } else {
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) x[j] *= sw;
+    }
+}
+
+// er_j <- exp(scale x_j - lse) on [j0, j1), x unchanged; returns the sum
+static inline __attribute__((always_inline)) float row_exp_store(const float* __restrict x, float* __restrict er,
+                                                                 int64_t j0, int64_t j1, float scale, float lse) {
+    float t = 0.f;
+#pragma omp simd reduction(+ : t)
     for (int64_t j = j0; j < j1; ++j) {
-        const float s = x[j];
-        const float d = f(j, s);
-        acc += d * s;
-        x[j] = scale * d;
+        const float e = fast_exp(scale * x[j] - lse);
+        er[j] = e;
+        t += e;
+    }
+    return t;
+}
+
+// Two-exponential symmetric pass on [j0, j1): dS = w er_j + cw_j exp(scale s - clse_j) (w = 0: column term only);
+// x <- scale dS, returns sum dS s
+static inline __attribute__((always_inline)) float row_two_exp(float* __restrict x, const float* __restrict er,
+                                                               const float* __restrict cw, const float* __restrict clse,
+                                                               int64_t j0, int64_t j1, float scale, float w, bool rows) {
+    float acc = 0.f;
+    if (rows) {
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = j0; j < j1; ++j) {
+            const float s = x[j];
+            const float d = w * er[j] + cw[j] * fast_exp(scale * s - clse[j]);
+            acc += d * s;
+            x[j] = scale * d;
+        }
+    } else {
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = j0; j < j1; ++j) {
+            const float s = x[j];
+            const float d = cw[j] * fast_exp(scale * s - clse[j]);
+            acc += d * s;
+            x[j] = scale * d;
+        }
     }
     return acc;
 }
@@ -629,7 +697,7 @@ template <bool LAB, bool EXCL>
 static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t m, i64arr& q_labels, i64arr& k_labels,
                                bool in_batch_negatives, bool pml, bool symmetric, f32arr& row_stats, f32arr& g_row,
                                f32arr& col_lse, f32arr& col_w, f32arr& col_pk, f32arr& col_pc, f32arr& col_cb,
-                               double col_ref) {
+                               double col_ref, bool want_dscale) {
     constexpr bool has_labels = LAB, exclude_self = EXCL;
     check(S.ndim() == 2, "S must be 2-D");
     const int64_t b = S.shape(0), C = S.shape(1);
@@ -748,51 +816,19 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
                     // pass A, in place: x_j <- e_j = exp(x_j - lse); T_n (all but the diagonal), sum e s, sum e cb s
                     const float a = factored ? (float)std::exp((double)lse - col_ref) : 0.f;
                     const int64_t end = symmetric ? m : C;
+                    const float* cb = factored ? ccb : nullptr;
                     float Tn = 0.f, es = 0.f, ecs = 0.f;
-                    if (factored) {
-                        auto pass_a = [&](int64_t j0, int64_t j1) {
-#pragma omp simd reduction(+ : Tn, es, ecs)
-                            for (int64_t j = j0; j < j1; ++j) {
-                                const float s = x[j];
-                                const float e = fast_exp(scale * s - lse);
-                                Tn += e;
-                                es += e * s;
-                                ecs += (e * ccb[j]) * s;
-                                x[j] = e;
-                            }
-                        };
-                        pass_a(0, dg);
-                        pass_a(d1, end);
-                    } else if (has_row) {  // (separate loops: a masked-off ccb[j] would still be loaded)
-                        auto pass_a = [&](int64_t j0, int64_t j1) {
-#pragma omp simd reduction(+ : Tn, es)
-                            for (int64_t j = j0; j < j1; ++j) {
-                                const float s = x[j];
-                                const float e = fast_exp(scale * s - lse);
-                                Tn += e;
-                                es += e * s;
-                                x[j] = e;
-                            }
-                        };
-                        pass_a(0, dg);
-                        pass_a(d1, end);
+                    if (has_row || factored) {
+                        const RowSums r0 = row_exp_inplace(x, cb, 0, dg, scale, lse);
+                        const RowSums r1 = row_exp_inplace(x, cb, d1, end, scale, lse);
+                        Tn = r0.t + r1.t, es = r0.es + r1.es, ecs = r0.ecs + r1.ecs;
                     }
                     const float T = Tn + ed;
                     const float w = has_row ? gr / T : 0.f;
                     if (has_row || factored) {
                         // pass B: x_j <- scale e_j (w + a cb_j)
-                        const float sw = scale * w, sa = scale * a;
-                        auto pass_b = [&](int64_t j0, int64_t j1) {
-                            if (factored) {
-#pragma omp simd
-                                for (int64_t j = j0; j < j1; ++j) x[j] *= sw + sa * ccb[j];
-                            } else {
-#pragma omp simd
-                                for (int64_t j = j0; j < j1; ++j) x[j] *= sw;
-                            }
-                        };
-                        pass_b(0, dg);
-                        pass_b(d1, end);
+                        row_scale_inplace(x, cb, 0, dg, scale * w, scale * a);
+                        row_scale_inplace(x, cb, d1, end, scale * w, scale * a);
                         acc = w * es + a * ecs;
                     } else {
                         acc = zero_row(x, C);  // no positive, no columns: the row's dS is 0
@@ -803,25 +839,12 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
                     }
                 } else {
                     // symmetric, lse spread too wide to factor: two exponentials per element, row exps in scratch
-                    float Tn = 0.f;
-                    if (has_row) {
-                        auto rowexp = [&](int64_t j0, int64_t j1) {
-#pragma omp simd reduction(+ : Tn)
-                            for (int64_t j = j0; j < j1; ++j) {
-                                const float e = fast_exp(scale * x[j] - lse);
-                                er[j] = e;
-                                Tn += e;
-                            }
-                        };
-                        rowexp(0, dg);
-                        rowexp(d1, m);
-                    }
+                    const float Tn = has_row ? row_exp_store(x, er, 0, dg, scale, lse) + row_exp_store(x, er, d1, m, scale, lse)
+                                             : 0.f;
                     const float T = Tn + ed;
                     const float w = has_row ? gr / T : 0.f;
-                    auto f = [&](int64_t j, float s) {
-                        return (has_row ? w * er[j] : 0.f) + cw[j] * fast_exp(scale * s - clse[j]);
-                    };
-                    acc = ds_range(x, 0, dg, scale, f) + ds_range(x, d1, m, scale, f);
+                    acc = row_two_exp(x, er, cw, clse, 0, dg, scale, w, has_row) +
+                          row_two_exp(x, er, cw, clse, d1, m, scale, w, has_row);
                     if (has_row)
                         ddiag = -gr * (Tn / T) + (cpk[gi] * (cw[gi] * fast_exp(scale * s_diag - clse[gi])) - cpc[gi]);
                 }
@@ -834,25 +857,48 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
                 if (!has_row) {
                     acc = zero_row(x, C);  // no positive: the row's dS is 0
                 } else {
-                    // pass A, in place: x_j <- e_j over the valid set; sums for T and for dscale
+                    // pass A, in place: x_j <- e_j over the valid set; sums for T and (want_dscale) for dscale
                     float Tn = 0.f, Tp = 0.f, esn = 0.f, esp = 0.f, ps = 0.f;
-#pragma omp simd reduction(+ : Tn, Tp, esn, esp, ps)
-                    for (int64_t j = 0; j < m; ++j) {
-                        const float s = x[j];
-                        const bool p = mk.pos(j);
-                        const bool va = mk.valid(j, p);
-                        const float e = va ? fast_exp(scale * s - lse) : 0.f;
-                        // 0/1 factors, not `p ? e : 0` selects: GCC 12 miscompiled this loop's five conditional
-                        // reductions under `omp simd` (garbage in masked lanes, rows of NaN; 2026-12-01, caught by
-                        // tests/test_infonce_cpp.py::test_every_diagonal_position)
-                        const float pf = p ? 1.f : 0.f, nf = 1.f - pf;
-                        Tn += nf * e;
-                        Tp += pf * e;
-                        esn += nf * (e * s);
-                        esp += pf * (e * s);
-                        ps += pf * s;
-                        x[j] = e;
+                    // Explicit lanes, not `omp simd reduction` (2026-12-01): under `omp simd` GCC 12 kept these
+                    // masked reductions in per-lane stack arrays and, in the vector epilogue, read past them (stack
+                    // garbage in the sums: wrong rows of dS, NaN, a segfault at M = 8192; caught by
+                    // tests/test_infonce_cpp.py::test_every_diagonal_position and benches).  The inner fixed-width
+                    // loop has no reduction to privatise and vectorises plainly.
+                    float ln[kLanes] = {}, lp[kLanes] = {}, lsn[kLanes] = {}, lsp[kLanes] = {}, lps[kLanes] = {};
+                    // (a macro, not a lambda: GCC 12 does not vectorise a lambda that updates captured arrays)
+#define CG_LABEL_PASS_A(J, L, DSCALE)                                                                         \
+    {                                                                                                        \
+        const int64_t j_ = (J);                                                                              \
+        const float s_ = x[j_];                                                                              \
+        const bool p_ = mk.pos(j_);                                                                          \
+        const bool va_ = mk.valid(j_, p_);                                                                   \
+        const float e_ = va_ ? fast_exp(scale * s_ - lse) : 0.f;                                             \
+        const float pf_ = p_ ? 1.f : 0.f, nf_ = 1.f - pf_;                                                   \
+        ln[L] += nf_ * e_;                                                                                   \
+        lp[L] += pf_ * e_;                                                                                   \
+        if (DSCALE) {                                                                                        \
+            lsn[L] += nf_ * (e_ * s_);                                                                       \
+            lsp[L] += pf_ * (e_ * s_);                                                                       \
+            lps[L] += pf_ * s_;                                                                              \
+        }                                                                                                    \
+        x[j_] = p_ ? -e_ : e_; /* the sign bit marks the positives for pass B (no second mask pass) */      \
+    }
+                    const int64_t mv = m - m % kLanes;
+                    if (want_dscale) {
+                        for (int64_t j0 = 0; j0 < mv; j0 += kLanes) {
+#pragma omp simd
+                            for (int l = 0; l < kLanes; ++l) CG_LABEL_PASS_A(j0 + l, l, true)
+                        }
+                        for (int64_t j = mv; j < m; ++j) CG_LABEL_PASS_A(j, 0, true)
+                    } else {
+                        for (int64_t j0 = 0; j0 < mv; j0 += kLanes) {
+#pragma omp simd
+                            for (int l = 0; l < kLanes; ++l) CG_LABEL_PASS_A(j0 + l, l, false)
+                        }
+                        for (int64_t j = mv; j < m; ++j) CG_LABEL_PASS_A(j, 0, false)
                     }
+#undef CG_LABEL_PASS_A
+                    for (int l = 0; l < kLanes; ++l) Tn += ln[l], Tp += lp[l], esn += lsn[l], esp += lsp[l], ps += lps[l];
 #pragma omp simd reduction(+ : Tn, esn)
                     for (int64_t j = m; j < C; ++j) {
                         const float s = x[j];
@@ -867,11 +913,11 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
                     const float kp = npos == 1.f ? 0.f : 1.f;
                     const float cp = npos == 1.f ? gr * (Tn / T) : gr / npos;
                     const float sw = scale * w, skp = scale * kp * w, scp = scale * cp;
-                    // entries outside the valid set are an exact 0, also in a NaN row (0 * NaN would not be)
+                    // entries outside the valid set hold e = +0 -> 0 (a NaN row is poisoned as a whole below)
 #pragma omp simd
                     for (int64_t j = 0; j < m; ++j) {
-                        const bool p = mk.pos(j);
-                        x[j] = p ? x[j] * skp - scp : (mk.valid(j, p) ? x[j] * sw : 0.f);
+                        const float e = x[j];
+                        x[j] = std::signbit(e) ? -e * skp - scp : e * sw;
                     }
 #pragma omp simd
                     for (int64_t j = m; j < C; ++j) x[j] *= sw;
@@ -881,16 +927,25 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
                 // symmetric with labels: row exponentials in scratch, the column exponential in the second pass
                 const bool has_row = npos > 0.f;
                 float Tn = 0.f, Tp = 0.f;
-                if (has_row) {
-#pragma omp simd reduction(+ : Tn, Tp)
-                    for (int64_t j = 0; j < m; ++j) {
-                        const bool p = mk.pos(j);
-                        const bool va = mk.valid(j, p);
-                        const float e = va ? fast_exp(scale * x[j] - lse) : 0.f;
-                        er[j] = e;
-                        Tn += (va && !p) ? e : 0.f;
-                        Tp += p ? e : 0.f;
+                if (has_row) {  // explicit lanes (see the label path above)
+                    float ln[kLanes] = {}, lp[kLanes] = {};
+                    const int64_t mv = m - m % kLanes;
+                    for (int64_t j0 = 0; j0 < m; j0 += kLanes) {
+                        const bool tail = j0 >= mv;
+#pragma omp simd
+                        for (int l = 0; l < kLanes; ++l) {
+                            const int64_t j = j0 + l;
+                            if (tail && j >= m) continue;
+                            const bool p = mk.pos(j);
+                            const bool va = mk.valid(j, p);
+                            const float e = va ? fast_exp(scale * x[j] - lse) : 0.f;
+                            const float pf = p ? 1.f : 0.f;
+                            er[j] = e;
+                            ln[l] += (1.f - pf) * e;
+                            lp[l] += pf * e;
+                        }
                     }
+                    for (int l = 0; l < kLanes; ++l) Tn += ln[l], Tp += lp[l];
                 }
                 const float T = Tn + Tp;
                 const float w = has_row ? gr / T : 0.f;
@@ -925,11 +980,11 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
 double infonce_bwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64arr q_labels, i64arr k_labels,
                          bool has_labels, bool exclude_self, bool in_batch_negatives, bool pml, bool symmetric,
                          f32arr row_stats, f32arr g_row, f32arr col_lse, f32arr col_w, f32arr col_pk, f32arr col_pc,
-                         f32arr col_cb, double col_ref) {
+                         f32arr col_cb, double col_ref, bool want_dscale) {
     auto run = [&](auto lab, auto excl) {
         return infonce_bwd_impl<decltype(lab)::value, decltype(excl)::value>(
             S, scale_d, row0, m, q_labels, k_labels, in_batch_negatives, pml, symmetric, row_stats, g_row, col_lse,
-            col_w, col_pk, col_pc, col_cb, col_ref);
+            col_w, col_pk, col_pc, col_cb, col_ref, want_dscale);
     };
     using T = std::true_type;
     using F = std::false_type;
@@ -1116,7 +1171,7 @@ PYBIND11_MODULE(_cpp_infonce, mod) {
             py::arg("exclude_self"), py::arg("in_batch_negatives"), py::arg("pml"), py::arg("symmetric"),
             py::arg("row_stats").noconvert(), py::arg("g_row").noconvert(), py::arg("col_lse").noconvert(),
             py::arg("col_w").noconvert(), py::arg("col_pk").noconvert(), py::arg("col_pc").noconvert(),
-            py::arg("col_cb").noconvert(), py::arg("col_ref"));
+            py::arg("col_cb").noconvert(), py::arg("col_ref"), py::arg("want_dscale") = true);
     mod.def("infonce_col_norm_block", &infonce_col_norm_block, py::arg("S").noconvert(), py::arg("scale"),
             py::arg("row0"), py::arg("q_labels").noconvert(), py::arg("k_labels").noconvert(), py::arg("has_labels"),
             py::arg("in_batch_negatives"), py::arg("col_lse").noconvert(), py::arg("col_acc").noconvert());

@@ -259,6 +259,10 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_ba
     k0, k1 = (0 if needs_dk else m), (c if needs_dbank else m)
     dkeys = torch.zeros(max(k1 - k0, 0), d, dtype=torch.float32) if k1 > k0 else None
     rsn, gn = rstats.numpy(), g.numpy()
+    # label / exclude_self / bank-only rows (not pml, not symmetric): dscale = sum_ij dS_ij q_i.k_j is taken from the
+    # products, sum_i q_i . dq_i / scale (O(N D)), which spares the epilogue three reductions per logit
+    fast = not has_labels and not exclude_self and in_batch_negatives and not pml
+    from_products = needs_dq and not fast and not pml and not symmetric and sc != 0.0
     dscale = 0.0
     for i0 in range(0, n, bsz):
         b = min(bsz, n - i0)
@@ -266,11 +270,13 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_ba
         fill(i0, s)
         dscale += ext.infonce_bwd_block(s.numpy(), sc, i0, m, qln, kln, has_labels, bool(exclude_self),
                                         bool(in_batch_negatives), bool(pml), bool(symmetric), rsn[i0:i0 + b],
-                                        gn[i0:i0 + b], cl, cw, cpk, cpc, ccb, col_ref)
+                                        gn[i0:i0 + b], cl, cw, cpk, cpc, ccb, col_ref, not from_products)
         if dq is not None:
             torch.matmul(s, keys, out=dq[i0:i0 + b])             # (b, C) @ (C, D): dQ_blk = scale dS K
         if dkeys is not None:
             dkeys.addmm_(s[:, k0:k1].T, qf[i0:i0 + b])            # (C', b) @ (b, D): dK += scale dS^T Q_blk
+    if from_products:
+        dscale = float(torch.dot(qf.reshape(-1).double(), dq.reshape(-1).double())) / sc
     dk = dbank = None
     if needs_dk:
         # with a bank, copy so that dk and dbank do not share storage (custom-op outputs must not alias)
