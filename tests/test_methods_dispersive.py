@@ -372,3 +372,108 @@ def test_tuple_outputs_parameterless_modules_and_context_manager():
     assert reg.num_captured == 0                       # hooks removed on exit
     got.backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- footguns (issue 9 items 5, 9; issue 15 item 6)
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 6)
+
+    def forward(self, z):
+        return torch.tanh(self.lin(z))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpoint_recomputation_is_not_captured(reentrant):
+    """torch.utils.checkpoint(use_reentrant=True) recomputes the block inside backward: that forward is ignored."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    blk = _Block()
+    z = torch.randn(5, 3, 6, requires_grad=True)
+    with DispersiveRegularizer(blk, weight=1.0, tau=0.5) as reg:
+        want = contrastgen.dispersive_loss(blk(z).reshape(5, -1), tau=0.5)
+        reg.clear()
+        out = checkpoint(blk, z, use_reentrant=reentrant)
+        assert reg.num_captured == 1
+        out.square().mean().backward()                   # the recomputation runs here
+        assert reg.num_captured == 1
+        torch.testing.assert_close(reg.pop_loss(), want)
+        # and inside one step: loss = task + reg, one backward
+        out = checkpoint(blk, z, use_reentrant=reentrant)
+        (out.square().mean() + reg.pop_loss()).backward()
+        assert reg.num_captured == 0 and reg.pop_loss().item() == 0.0
+
+
+@pytest.mark.parametrize("container", [lambda: torch.nn.Sequential(_Block(), _Block()),
+                                       lambda: torch.nn.ModuleList([_Block(), _Block()]),
+                                       lambda: torch.nn.ModuleDict({"a": _Block()})])
+def test_container_of_blocks_is_refused_with_advice(container):
+    c = container()
+    with pytest.raises(TypeError, match=r"pass one block.*\.paper\(blocks\)"):
+        DispersiveRegularizer(c)
+    if isinstance(c, torch.nn.Sequential):               # its own output, asked for explicitly: allowed
+        reg = DispersiveRegularizer([c])
+        c(torch.randn(4, 6))
+        assert reg.num_captured == 1
+        reg.remove()
+    else:
+        with pytest.raises(TypeError, match="module\\[0\\]"):
+            DispersiveRegularizer([c])
+
+
+def test_captures_beyond_the_bound_raise():
+    blk = _Block()
+    reg = DispersiveRegularizer(blk)
+    z = torch.randn(4, 6)
+    for _ in range(8):
+        blk(z)
+    with pytest.raises(RuntimeError, match=r"9 captures without pop_loss\(\).*max_captures=8"):
+        blk(z)
+    assert reg.num_captured == 8
+    reg.pop_loss()
+    for _ in range(8):                                   # the bound counts from the last pop_loss / clear
+        blk(z)
+    reg.clear()
+    blk(z)
+    reg.remove()
+    unbounded = DispersiveRegularizer(blk, max_captures=None)
+    for _ in range(20):
+        blk(z)
+    assert unbounded.num_captured == 20
+    unbounded.remove()
+    with pytest.raises(ValueError, match="max_captures"):
+        DispersiveRegularizer(blk, max_captures=0)
+
+
+def test_remove_and_context_manager_detach_the_hooks():
+    blk = _Block()
+    before = len(blk._forward_hooks)
+    reg = DispersiveRegularizer(blk)
+    assert len(blk._forward_hooks) == before + 1
+    reg.remove()
+    assert len(blk._forward_hooks) == before
+    blk(torch.randn(4, 6))
+    assert reg.num_captured == 0
+    reg.remove()                                         # idempotent
+    with DispersiveRegularizer([blk, _Block()]) as reg2:
+        assert len(blk._forward_hooks) == before + 1
+    assert len(blk._forward_hooks) == before and reg2.num_captured == 0
+    with pytest.raises(ZeroDivisionError):               # hooks are detached when the block raises, too
+        with DispersiveRegularizer(blk):
+            1 / 0
+    assert len(blk._forward_hooks) == before
+
+
+@pytest.mark.parametrize("kw,exc,word", [(dict(variant="l1"), ValueError, "variant"), (dict(tau=-1.0), ValueError, "tau"),
+                                          (dict(tau=float("nan")), ValueError, "tau"),
+                                          (dict(margin=-0.5), ValueError, "margin"),
+                                          (dict(weight=float("inf")), ValueError, "weight"),
+                                          (dict(tau="0.5"), TypeError, "tau"),
+                                          (dict(train_only="yes"), TypeError, "train_only"),
+                                          (dict(upcast=1), TypeError, "upcast")])
+def test_bad_hyper_parameters_fail_at_construction(kw, exc, word):
+    blk = _Block()
+    with pytest.raises(exc, match=word):
+        DispersiveRegularizer(blk, **kw)
+    assert len(blk._forward_hooks) == 0                  # nothing was registered

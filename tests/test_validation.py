@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import contrastgen as cg
+import contrastgen.nn as cgnn
 from contrastgen.ops import _backends, _dispatch
 
 x4 = lambda n=4, d=3, **kw: torch.randn(n, d, **kw)  # noqa: E731
@@ -152,3 +153,134 @@ def test_setup_skips_extensions_on_request(monkeypatch):
     monkeypatch.delenv("CONTRASTGEN_SKIP_CPP")
     names = sorted({e.name.rsplit("_", 1)[0] for e in mod.extensions()})     # contrastgen._cpp_<stem>_<variant>
     assert names == sorted(f"contrastgen._cpp_{p.stem}" for p in (root / "csrc").glob("*.cpp")) and names
+
+
+# --------------------------------------------------------------------------- issue 9: checks that survive torch.compile
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager", "inductor"])
+def test_compiled_code_rejects_bad_tensor_scales(compile_backend):
+    """clip_loss(a, b, torch.tensor(-1.)) raises in eager (ValueError) and, compiled, in the graph (RuntimeError
+    with the same message) -- it used to return 3.06."""
+    torch._dynamo.reset()
+    a, b = x4(6, 3), x4(6, 3)
+    with pytest.raises(ValueError, match="logit_scale must be finite and > 0"):
+        cg.clip_loss(a, b, torch.tensor(-1.0))
+
+    def f(x, y, s, bias, t):
+        return cg.clip_loss(x, y, s) + cg.siglip_loss(x, y, s, bias) + cg.info_nce(x, y, temperature=t)
+    cf = torch.compile(f, fullgraph=True, backend=compile_backend)
+    good = cf(a, b, torch.tensor(3.0), torch.tensor(-1.0), torch.tensor(0.5))
+    assert torch.isfinite(good)
+    for s, bias, t, word in [(-1.0, -1.0, 0.5, "logit_scale"), (float("nan"), -1.0, 0.5, "logit_scale"),
+                             (3.0, float("inf"), 0.5, "logit_bias"), (3.0, -1.0, 0.0, "temperature")]:
+        with pytest.raises(RuntimeError, match=f"{word} must be finite"):
+            cf(a, b, torch.tensor(s), torch.tensor(bias), torch.tensor(t))
+
+
+def _dynamic_calls():
+    q, k = x4(8, 4), x4(8, 4)
+    lab = torch.tensor([0, 1, 0, 1, 2, 2, 3, 3])
+    return [
+        ("info_nce", lambda a, b: cg.info_nce(a, b), (q, k)),
+        ("info_nce_supcon", lambda a, b: cg.info_nce(a, labels=lab, positives="supcon"), (q, k)),
+        ("nt_xent", lambda a, b: cg.nt_xent(a, b), (q, k)),
+        ("dispersive_loss", lambda a, b: cg.dispersive_loss(a), (q, k)),
+        ("uniformity", lambda a, b: cg.uniformity(a), (q, k)),
+        ("alignment", lambda a, b: cg.alignment(a, b), (q, k)),
+        ("patch_nce", lambda a, b: cg.patch_nce(a[None], b[None]), (q, k)),
+        ("InfoNCELoss", lambda a, b: cgnn.InfoNCELoss()(a, b), (q, k)),
+        ("NTXentLoss", lambda a, b: cgnn.NTXentLoss()(a, b), (q, k)),
+        ("DispersiveLoss", lambda a, b: cgnn.DispersiveLoss()(a), (q, k)),
+    ]
+
+
+@pytest.mark.parametrize("name,fn,args", _dynamic_calls(), ids=[c[0] for c in _dynamic_calls()])
+def test_compile_fullgraph_dynamic_with_default_hyper_parameters(name, fn, args):
+    """torch.compile(fullgraph=True, dynamic=True) with every float hyper-parameter left at its default (it failed
+    on math.isfinite of a SymFloat)."""
+    torch._dynamo.reset()
+    want = fn(*args)
+    got = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")(*args)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda: cg.info_nce(x4(), x4(), symmetric="false"), "symmetric"),
+    (lambda: cg.info_nce(x4(), x4(), symmetric=1), "symmetric"),
+    (lambda: cg.info_nce(x4(), x4(), in_batch_negatives="yes"), "in_batch_negatives"),
+    (lambda: cg.dispersive_loss(torch.randn(2, 4, 3), grouped="True"), "grouped"),
+    (lambda: cg.patch_nce(torch.randn(1, 3, 2), torch.randn(1, 3, 2), detach_key="no"), "detach_key"),
+    (lambda: cg.patch_nce(torch.randn(1, 3, 2), torch.randn(1, 3, 2), all_negatives_from_minibatch=0),
+     "all_negatives_from_minibatch"),
+    (lambda: cg.attention_nce(torch.rand(4, 4, 77), [[2]], softmax_normalize="False"), "softmax_normalize"),
+])
+def test_bool_flags_refuse_strings_and_ints(call, name):
+    with pytest.raises(TypeError, match=f"{name} must be True or False"):
+        call()
+
+
+@pytest.mark.parametrize("make,word", [(lambda: x4(4, 3).to_sparse(), "sparse"),
+                                       (lambda: x4(4, 3).to_sparse_csr(), "sparse_csr"),
+                                       (lambda: torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)]),
+                                        "nested")])
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support:UserWarning")
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_sparse_and_nested_tensors_are_named(make, word):
+    t = make()
+    for call, arg in [(lambda: cg.clip_loss(t, x4(4, 3), 10.0), "image"), (lambda: cg.info_nce(x4(4, 3), t), "key"),
+                      (lambda: cg.dispersive_loss(t), "z")]:
+        with pytest.raises(TypeError, match=f"{arg} must be a dense.*{word}"):
+            call()
+
+
+# --------------------------------------------------------------------------- issue 9 item 2: float64
+def _public_float64_cases():
+    lab = torch.tensor([0, 1, 0, 1, 2, 2])
+    return {
+        "clip_loss": lambda a, b, s: cg.clip_loss(a, b, s, **_bk),
+        "siglip_loss": lambda a, b, s: cg.siglip_loss(a, b, s, -s, **_bk),
+        "info_nce_bank": lambda a, b, s: cg.info_nce(a, b[:3], temperature=s, negatives=b, labels=lab,
+                                                     key_labels=lab[:3], positives="pml", **_bk),
+        "info_nce_supcon": lambda a, b, s: cg.info_nce(a, temperature=s, labels=lab, positives="supcon",
+                                                       reduction="none", **_bk),
+        "nt_xent": lambda a, b, s: cg.nt_xent(a, b, temperature=s, **_bk),
+        "dispersive_loss": lambda a, b, s: cg.dispersive_loss(a.reshape(3, 2, 3), tau=0.7, **_bk),
+        "uniformity": lambda a, b, s: cg.uniformity(a, t=1.5, **_bk),
+    }
+
+
+_bk = {}
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+@pytest.mark.parametrize("case", list(_public_float64_cases()))
+def test_float64_gradcheck_on_every_backend(case, backend):
+    """float64 inputs run the float64 reference on every backend: gradcheck at the public API passes."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    if backend == "cpp" and "cpp" not in _dispatch.available_backends("infonce"):
+        pytest.skip("C++ extension not built")
+    _bk.clear()
+    _bk["backend"] = backend
+    try:
+        fn = _public_float64_cases()[case]
+        g = torch.Generator().manual_seed(3)
+        a = torch.randn(6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+        b = torch.randn(6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+        s = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+        assert fn(a, b, s).dtype == torch.float64
+        assert torch.autograd.gradcheck(fn, (a, b, s))
+        big = (a.detach() * 1e25).requires_grad_()       # float32 would overflow to inf / nan here
+        out = fn(big, b, s) if case in ("dispersive_loss", "uniformity", "nt_xent") else None
+        if out is not None:
+            assert torch.isfinite(out).all()
+    finally:
+        _bk.clear()
+
+
+def test_float64_features_scaled_by_1e25_stay_finite():
+    """Issue 9: clip_loss of features scaled by 1e25 gave nan on the fused backends (float32 overflow); the float64
+    reference gives 1.1e52."""
+    a, b = torch.randn(8, 4, dtype=torch.float64) * 1e25, torch.randn(8, 4, dtype=torch.float64)
+    want = cg.clip_loss(a, b, 1.0, backend="torch")
+    for backend in ("cpp", "triton"):
+        torch.testing.assert_close(cg.clip_loss(a, b, 1.0, backend=backend), want)

@@ -28,8 +28,19 @@ captured dtype to a fused backend that accumulates in fp32 itself (saves one fp3
 
 Distributed training: each device computes the loss over its local batch (no all-gather, as in the paper);
 hooks work unchanged on a module wrapped in ``DistributedDataParallel`` (register them on the inner module's
-blocks).  Under activation checkpointing the hook sees the first (non-recomputed) forward, which is the one
-that takes part in the graph.
+blocks).
+
+Activation checkpointing: with ``torch.utils.checkpoint(..., use_reentrant=True)`` the hooked block runs a second
+time inside the backward pass (the recomputation); the hook ignores every forward that runs inside a backward
+pass, so each step counts the block once (the first forward, the one whose output is in the graph).  With
+``use_reentrant=False`` torch does not run forward hooks on the recomputation at all.
+
+Footguns it refuses: a container of blocks (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) passed as
+the module (pass one block, a list of blocks, or use a preset; a Sequential whose *own* output is wanted goes in
+a list: ``DispersiveRegularizer([seq])``); more than ``max_captures`` (default 8) forwards without ``pop_loss()``
+(a training loop that forgot it, or a train-mode evaluation loop, which would keep every graph alive); bad
+hyper-parameters (checked when it is built, not at the first ``pop_loss``).  ``remove()`` and leaving a ``with``
+block detach the hooks.
 """
 from __future__ import annotations
 
@@ -40,6 +51,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..ops import _validate as V
 from ..ops import dispersive_loss
 
 __all__ = ["DispersiveRegularizer", "PRESETS"]
@@ -48,6 +60,13 @@ PRESETS = {
     "paper": dict(weight=0.5, tau=0.5, variant="infonce_l2", block="quarter"),
     "pytorch_port": dict(weight=0.25, tau=1.0, variant="infonce_l2", block="last"),
 }
+
+
+def _in_backward() -> bool:
+    """True inside an autograd backward pass (where a reentrant checkpoint recomputes its forward)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
 
 
 def _pick_block(blocks: Sequence[nn.Module], where: Union[str, int]) -> nn.Module:
@@ -71,18 +90,39 @@ class DispersiveRegularizer:
     backend: passed to :func:`contrastgen.dispersive_loss`.
     train_only: capture only while the hooked module is in training mode (default True).
     upcast: evaluate the loss on float32 features (default True); False keeps the captured dtype.
+    max_captures: at most this many captures between two ``pop_loss()`` / ``clear()`` calls (default 8; raise it for
+    gradient accumulation over more micro-batches, None for no bound); one more raises RuntimeError.
     """
 
     def __init__(self, module: Union[nn.Module, Iterable[nn.Module]], weight: float = 0.5, tau: float = 0.5,
                  variant: str = "infonce_l2", backend: Optional[str] = None, *, margin: float = 1.0,
-                 train_only: bool = True, upcast: bool = True):
+                 train_only: bool = True, upcast: bool = True, max_captures: Optional[int] = 8):
+        if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            n = len(module)
+            raise TypeError(f"got an nn.{type(module).__name__} of {n} modules: pass one block (e.g. blocks[{n // 4}]),"
+                            " a list of blocks, or use DispersiveRegularizer.paper(blocks) / .pytorch_port(blocks); "
+                            "to regularize the output of a whole nn.Sequential, pass it in a list: "
+                            "DispersiveRegularizer([seq])")
         modules = [module] if isinstance(module, nn.Module) else list(module)
         if not modules or not all(isinstance(m, nn.Module) for m in modules):
             raise TypeError("module must be an nn.Module or a non-empty list of nn.Modules")
-        if isinstance(module, nn.ModuleList):
-            raise TypeError("got an nn.ModuleList (it is never called itself): pass one block, a list of blocks, or "
-                            "use DispersiveRegularizer.paper(blocks) / .pytorch_port(blocks)")
+        for i, m in enumerate(modules):
+            if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+                raise TypeError(f"module[{i}] is an nn.{type(m).__name__}, which is never called itself: pass its blocks")
+        V.check_choice("variant", variant, ("infonce_l2", "infonce_cosine", "hinge", "covariance"))
+        for name, value in (("weight", weight), ("tau", tau), ("margin", margin)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a python number, got {type(value).__name__}")
+        V.check_finite_scalar("weight", weight)
+        V.check_positive_scalar("tau", tau)
+        V.check_positive_scalar("margin", margin, allow_zero=True)
+        V.check_bool("train_only", train_only)
+        V.check_bool("upcast", upcast)
+        if max_captures is not None and (isinstance(max_captures, bool) or not isinstance(max_captures, int)
+                                         or max_captures < 1):
+            raise ValueError(f"max_captures must be a positive int or None, got {max_captures!r}")
         self.modules: List[nn.Module] = modules
+        self.max_captures = max_captures
         self.weight, self.tau, self.variant, self.margin = float(weight), float(tau), variant, float(margin)
         self.backend, self.train_only, self.upcast = backend, train_only, upcast
         self.enabled = True
@@ -119,10 +159,17 @@ class DispersiveRegularizer:
     def _hook(self, module: nn.Module, args, output) -> None:
         if not self.enabled or (self.train_only and not module.training):
             return
+        if _in_backward():  # the recomputation of a reentrant activation checkpoint: counted once already
+            return
         z = output[0] if isinstance(output, (tuple, list)) else output
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"DispersiveRegularizer: hooked {type(module).__name__} returned "
                             f"{type(output).__name__}, expected a tensor (or a tuple starting with one)")
+        if self.max_captures is not None and len(self._captured) >= self.max_captures:
+            raise RuntimeError(f"DispersiveRegularizer: {len(self._captured) + 1} captures without pop_loss() (bound "
+                               f"max_captures={self.max_captures}): call reg.pop_loss() once per training step (or "
+                               "reg.clear()), wrap evaluation/sampling in `with reg.paused():` or model.eval(), or "
+                               "pass max_captures=None / a larger bound for long gradient accumulation")
         self._captured.append(z)
 
     # ----------------------------------------------------------------- loss

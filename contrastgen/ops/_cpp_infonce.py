@@ -25,8 +25,18 @@ guarded so that it is only used when no term can under/overflow; csrc/infonce.cp
 
 Dtypes: float32 is computed as is.  bfloat16 / float16 inputs are converted to float32 (keys once, O(M*D);
 queries per block) before the products, which accumulate in float32 and feed the float32 epilogue; float64
-inputs are computed in float32 as well (documented: results match float64 references to float32 accuracy).
-dq / dk / dbank are returned in the input dtypes, losses and stats in float32.
+inputs given to this launcher are computed in float32 as well (the public API never sends them here: it runs
+float64 on the float64 reference).  dq / dk / dbank are returned in the input dtypes, losses and stats in float32.
+
+Accuracy (2026-12-01, issue 9 item 4): the forward computes losses max-shifted and, with one positive,
+positive-relative (log1p form); the backward renormalises every row's softmax in the row (free: the exponentials
+are needed anyway), and for symmetric columns whose stored float32 lse exceeds COL_NORM_LSE in magnitude runs a
+pre-pass (one more logits product) that renormalises the columns too.  Non-finite features propagate
+(csrc/infonce.cpp "Non-finite logits"): a NaN row poisons its whole gradient row.
+
+Determinism: bitwise reproducible run to run and process to process at a fixed thread count (measured,
+N = 2048, D = 128, every mode); across thread counts the losses stayed bitwise equal and the gradients differed
+by <= 1e-6 relative (MKL's dQ / dK products and the per-thread column partials depend on the row partition).
 """
 from __future__ import annotations
 
@@ -133,6 +143,14 @@ def _check_flags(exclude_self, symmetric, pml, kb, n, m):
 
 
 # ---------------------------------------------------------------------------------------------- InfoNCE
+# The symmetric backward renormalises the column softmax with a pre-pass (one extra logits product and one
+# exponential per logit, csrc/infonce.cpp infonce_col_norm_block) when the stored float32 column lse is too coarse
+# for that: half an ulp of |lse| is 6e-8 |lse| of relative error in every column term, which at |lse| = 1e4 (logit
+# scale 1e4) is 40x PyTorch's own error (issue 9 item 4).  Below this bound (CLIP's logit scale is clamped at 100)
+# the stored lse is used as is and the backward costs 3 products.  Rows are always renormalised in the row, free.
+COL_NORM_LSE = 128.0
+
+
 def infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_batch_negatives: bool, pml: bool,
                 symmetric: bool):
     """-> (row_loss (N,), col_loss (M,) or (0,), row_stats (N, 2), col_stats (M, 2) or (0, 2)), all float32."""
@@ -143,10 +161,8 @@ def infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_ba
     sc = _scalar(scale, "scale")
     row_loss = torch.empty(n, dtype=torch.float32)
     row_stats = torch.empty(n, 2, dtype=torch.float32)
-    col_state = torch.empty(4, m if symmetric else 0, dtype=torch.float64)
-    if symmetric:
-        col_state[0].fill_(float("-inf"))
-        col_state[1:].zero_()
+    col_state = torch.zeros(5, m if symmetric else 0, dtype=torch.float64)  # [max, sum non-pos, sum pos, possum, npos]
+    col_state[0].fill_(float("-inf"))
     bsz = _block_rows(n, c)
     buf = torch.empty(bsz * c, dtype=torch.float32)
     fill = _logits_product(qf, keys)
@@ -166,58 +182,108 @@ def infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_ba
     return row_loss, col_loss, row_stats, col_stats
 
 
+def _column_terms(ext, fill, n, m, bsz, buf, sc, ql, kl, has_labels, in_batch_negatives, col_stats, g_col):
+    """The per-column inputs of the symmetric backward epilogue (see csrc infonce_bwd_impl):
+    (col_lse, col_w, col_pk, col_pc, col_cb, col_ref)."""
+    cst = col_stats.detach().to(torch.float32)
+    gc = g_col.detach().to(torch.float32)
+    if cst.shape != (m, 2) or gc.shape != (m,):
+        raise ValueError(f"col_stats must be ({m}, 2) and g_col ({m},), got {tuple(cst.shape)}, {tuple(gc.shape)}")
+    lse, npos = cst[:, 0], cst[:, 1]
+    live = npos > 0
+    gc = torch.where(live, gc, 0.0).double()
+    col_lse = torch.where(live, lse, float("inf")).contiguous()  # dead columns give exact zeros
+    one = npos == 1
+    finite_live = lse[live]
+    if finite_live.numel() and float(finite_live.abs().nan_to_num(0.0).max()) > COL_NORM_LSE:
+        acc = torch.zeros(2, m, dtype=torch.float64)
+        an, cl = acc.numpy(), col_lse.numpy()
+        for i0 in range(0, n, bsz):
+            b = min(bsz, n - i0)
+            s = buf[: b * m].view(b, m)
+            fill(i0, s)
+            ext.infonce_col_norm_block(s.numpy(), sc, i0, ql, kl, has_labels, bool(in_batch_negatives), cl, an)
+        tot = acc[0] + acc[1]
+        w = torch.where(live, gc / tot, 0.0)
+        pk = torch.where(one, 0.0, 1.0)
+        pc = torch.where(one, w * acc[0], gc / npos.double().clamp_min(1))  # one positive: -g_col T_np / T
+    else:
+        w = gc
+        pk = torch.ones(m, dtype=torch.float64)
+        pc = gc / npos.double().clamp_min(1)
+    # one-exponential backward (csrc `factored`): col_cb_j = col_w_j exp(R - lsec_j), R = min lsec_j over the
+    # columns that carry a gradient (inf when there is none: the kernel then never factors; NaN when a column's
+    # lse is NaN, so that the NaN reaches every row through the two-exponential path)
+    grad_cols = live & (gc != 0) & ~(lse <= -1e30)
+    lsec64 = lse.double()
+    if bool(torch.isnan(lsec64[live]).any()):
+        col_ref = float("nan")
+    else:
+        col_ref = float(lsec64[grad_cols].min()) if bool(grad_cols.any()) else float("inf")
+    cb = torch.where(grad_cols, w * torch.exp(col_ref - lsec64), 0.0) if col_ref == col_ref else torch.zeros(m)
+    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
+    return col_lse, f32(w), f32(pk), f32(pc), f32(cb), col_ref
+
+
 def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_batch_negatives: bool, pml: bool,
-                symmetric: bool, row_stats, col_stats, g_row, g_col):
-    """-> (dq like q, dk like k, dbank like bank or None, dscale 0-d float32)."""
+                symmetric: bool, row_stats, col_stats, g_row, g_col, needs_dq: bool = True, needs_dk: bool = True,
+                needs_dbank: bool = True, deterministic=None):
+    """-> (dq like q or None, dk like k or None, dbank like bank or None, dscale 0-d float32).
+
+    ``needs_dq`` / ``needs_dk`` / ``needs_dbank``: the products of gradients nobody asked for are skipped (a MoCo
+    bank without grad: no dbank product).  ``deterministic`` is accepted for the launcher contract: this backend
+    is deterministic for a given thread count either way (README, Numerics)."""
     ext = _need_ext()
     qf, keys, m, kb, has_labels, ql, kl = _prepare(q, k, bank, q_labels, k_labels)
     n, c, d = qf.shape[0], keys.shape[0], qf.shape[1]
     _check_flags(exclude_self, symmetric, pml, kb, n, m)
+    needs_dbank = bool(needs_dbank) and kb > 0
     sc = _scalar(scale, "scale")
     rstats = row_stats.detach().to(torch.float32).contiguous()
     g = g_row.detach().to(torch.float32).contiguous()
     if rstats.shape != (n, 2) or g.shape != (n,):
         raise ValueError(f"row_stats must be ({n}, 2) and g_row ({n},), got {tuple(rstats.shape)}, {tuple(g.shape)}")
-    if symmetric:
-        cst = col_stats.detach().to(torch.float32)
-        gc = g_col.detach().to(torch.float32)
-        if cst.shape != (m, 2) or gc.shape != (m,):
-            raise ValueError(f"col_stats must be ({m}, 2) and g_col ({m},), got {tuple(cst.shape)}, {tuple(gc.shape)}")
-        col_lse = cst[:, 0].contiguous()
-        npos_c = cst[:, 1]
-        col_g = torch.where(npos_c > 0, gc, torch.zeros_like(gc)).contiguous()
-        col_gp = (col_g / npos_c.clamp_min(1)).contiguous()
-        # one-exponential backward (csrc `factored`): col_cb_j = col_g_j exp(R - lsec_j), R = min lsec_j over the
-        # columns that carry a gradient (inf when there is none: the kernel then never factors)
-        live = (col_g != 0) & (col_lse > -1e30)
-        lsec64 = col_lse.double()
-        col_ref = float(lsec64[live].min()) if bool(live.any()) else float("inf")
-        col_cb = torch.where(live, col_g.double() * torch.exp(col_ref - lsec64), 0.0).float().contiguous()
-        cl, cg, cgp, ccb = col_lse.numpy(), col_g.numpy(), col_gp.numpy(), col_cb.numpy()
-    else:
-        cl = cg = cgp = ccb = _EMPTY_F32.numpy()
-        col_ref = float("inf")
-    dq = torch.empty(n, d, dtype=torch.float32)
-    dkeys = torch.zeros(c, d, dtype=torch.float32)
     bsz = _block_rows(n, c)
     buf = torch.empty(bsz * c, dtype=torch.float32)
     fill = _logits_product(qf, keys)
-    rsn, gn, qln, kln = rstats.numpy(), g.numpy(), ql.numpy(), kl.numpy()
+    qln, kln = ql.numpy(), kl.numpy()
+    if symmetric:
+        cols = _column_terms(ext, fill, n, m, bsz, buf, sc, qln, kln, has_labels, in_batch_negatives, col_stats, g_col)
+        cl, cw, cpk, cpc, ccb = (t.numpy() for t in cols[:5])
+        col_ref = cols[5]
+    else:
+        cl = cw = cpk = cpc = ccb = _EMPTY_F32.numpy()
+        col_ref = float("inf")
+    dq = torch.empty(n, d, dtype=torch.float32) if needs_dq else None
+    # dK rows: [0, m) for dk, [m, c) for dbank; only the needed range is accumulated
+    k0, k1 = (0 if needs_dk else m), (c if needs_dbank else m)
+    dkeys = torch.zeros(max(k1 - k0, 0), d, dtype=torch.float32) if k1 > k0 else None
+    rsn, gn = rstats.numpy(), g.numpy()
+    # label / exclude_self / bank-only rows (not pml, not symmetric): dscale = sum_ij dS_ij q_i.k_j is taken from the
+    # products, sum_i q_i . dq_i / scale (O(N D)), which spares the epilogue three reductions per logit
+    fast = not has_labels and not exclude_self and in_batch_negatives and not pml
+    from_products = needs_dq and not fast and not pml and not symmetric and sc != 0.0
     dscale = 0.0
     for i0 in range(0, n, bsz):
         b = min(bsz, n - i0)
         s = buf[: b * c].view(b, c)
-        qb = qf[i0:i0 + b]
         fill(i0, s)
         dscale += ext.infonce_bwd_block(s.numpy(), sc, i0, m, qln, kln, has_labels, bool(exclude_self),
                                         bool(in_batch_negatives), bool(pml), bool(symmetric), rsn[i0:i0 + b],
-                                        gn[i0:i0 + b], cl, cg, cgp, ccb, col_ref)
-        torch.matmul(s, keys, out=dq[i0:i0 + b])      # (b, C) @ (C, D): dQ_blk = scale dS K
-        dkeys.addmm_(s.T, qb)                          # (C, b) @ (b, D): dK += scale dS^T Q_blk
-    # with a bank, copy so that dk and dbank do not share storage (custom-op outputs must not alias)
-    dk = dkeys[:m].to(k.dtype, copy=bool(kb))
-    dbank = dkeys[m:].to(bank.dtype, copy=True) if kb else None
-    return dq.to(q.dtype), dk, dbank, torch.tensor(dscale, dtype=torch.float32)
+                                        gn[i0:i0 + b], cl, cw, cpk, cpc, ccb, col_ref, not from_products)
+        if dq is not None:
+            torch.matmul(s, keys, out=dq[i0:i0 + b])             # (b, C) @ (C, D): dQ_blk = scale dS K
+        if dkeys is not None:
+            dkeys.addmm_(s[:, k0:k1].T, qf[i0:i0 + b])            # (C', b) @ (b, D): dK += scale dS^T Q_blk
+    if from_products:
+        dscale = float(torch.dot(qf.reshape(-1).double(), dq.reshape(-1).double())) / sc
+    dk = dbank = None
+    if needs_dk:
+        # with a bank, copy so that dk and dbank do not share storage (custom-op outputs must not alias)
+        dk = dkeys[:m].to(k.dtype, copy=needs_dbank)
+    if needs_dbank:
+        dbank = dkeys[m - k0:].to(bank.dtype, copy=True)
+    return (None if dq is None else dq.to(q.dtype)), dk, dbank, torch.tensor(dscale, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- SigLIP
@@ -242,8 +308,9 @@ def siglip_fwd(q, k, scale, bias):
     return row_loss
 
 
-def siglip_bwd(q, k, scale, bias, g_row):
-    """-> (dq like q, dk like k, dscale 0-d float32, dbias 0-d float32)."""
+def siglip_bwd(q, k, scale, bias, g_row, needs_dq: bool = True, needs_dk: bool = True, deterministic=None):
+    """-> (dq like q or None, dk like k or None, dscale 0-d float32, dbias 0-d float32); the products of
+    gradients not needed are skipped."""
     ext = _need_ext()
     qf, kf = _f32(q, "q"), _f32(k, "k")
     if kf.shape[1] != qf.shape[1]:
@@ -253,8 +320,8 @@ def siglip_bwd(q, k, scale, bias, g_row):
     g = g_row.detach().to(torch.float32).contiguous()
     if g.shape != (n,):
         raise ValueError(f"g_row must have shape ({n},), got {tuple(g.shape)}")
-    dq = torch.empty(n, d, dtype=torch.float32)
-    dk = torch.zeros(c, d, dtype=torch.float32)
+    dq = torch.empty(n, d, dtype=torch.float32) if needs_dq else None
+    dk = torch.zeros(c, d, dtype=torch.float32) if needs_dk else None
     bsz = _block_rows(n, c)
     buf = torch.empty(bsz * c, dtype=torch.float32)
     gn = g.numpy()
@@ -263,12 +330,13 @@ def siglip_bwd(q, k, scale, bias, g_row):
     for i0 in range(0, n, bsz):
         b = min(bsz, n - i0)
         s = buf[: b * c].view(b, c)
-        qb = qf[i0:i0 + b]
         fill(i0, s)
         ds, db = ext.siglip_bwd_block(s.numpy(), sc, bi, i0, gn[i0:i0 + b])
         dscale += ds
         dbias += db
-        torch.matmul(s, kf, out=dq[i0:i0 + b])
-        dk.addmm_(s.T, qb)
-    return (dq.to(q.dtype), dk.to(k.dtype), torch.tensor(dscale, dtype=torch.float32),
-            torch.tensor(dbias, dtype=torch.float32))
+        if dq is not None:
+            torch.matmul(s, kf, out=dq[i0:i0 + b])
+        if dk is not None:
+            dk.addmm_(s.T, qf[i0:i0 + b])
+    return ((None if dq is None else dq.to(q.dtype)), (None if dk is None else dk.to(k.dtype)),
+            torch.tensor(dscale, dtype=torch.float32), torch.tensor(dbias, dtype=torch.float32))

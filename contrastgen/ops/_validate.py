@@ -1,4 +1,12 @@
-"""Input checks shared by every op.  Each error names the argument and its shape."""
+"""Input checks shared by every op.  Each error names the argument and its shape.
+
+Under ``torch.compile`` (2026-12-01, issue 9 items 6 and 7): type, shape and option checks are python-level and
+run while tracing; the *value* of a tensor hyper-parameter (a learned logit scale, a temperature tensor) cannot be
+read on the host there (nor on an accelerator without a sync), so it is checked in the graph with
+``torch._assert_async``: compiled code rejects what eager rejects, with the same message, as a ``RuntimeError``
+(eager on CPU raises ``ValueError``).  Python numbers are compared with plain operators, never ``math.isfinite``,
+which cannot trace a ``SymFloat`` under ``torch.compile(dynamic=True)``.
+"""
 from __future__ import annotations
 
 import math
@@ -17,6 +25,11 @@ def check_tensor(name: str, t, *, ndim: int | Sequence[int] | None = None, min_n
                  floating: bool = True, nonempty: bool = True, finite: bool = False) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested or t.layout != torch.strided:
+        kind = "nested" if t.is_nested else f"layout {t.layout}"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor of shape "
+                        f"{tuple(t.shape) if not t.is_nested else '(nested)'}; convert it with .to_dense() / "
+                        f".to_padded_tensor()")
     if floating and t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {_desc(t)}")
     if ndim is not None:
@@ -67,35 +80,52 @@ def _check_scalar_type(name: str, value) -> None:
             raise TypeError(f"{name} must be a floating tensor, got dtype {value.dtype}")
 
 
-def _host_value(value) -> float | None:
-    """The scalar's value where reading it costs no device sync: python numbers, and CPU tensors
-    outside torch.compile.  A CUDA scale is trusted (a NaN there shows as a NaN loss)."""
-    if not isinstance(value, torch.Tensor):
-        return float(value)
-    if value.device.type == "cpu" and not _is_compiling():
-        return float(value.detach().reshape(()))
-    return None
+def _finite(v) -> bool:
+    """``math.isfinite`` by comparisons, so that a ``SymFloat`` traces (torch.compile(dynamic=True))."""
+    return v == v and v != math.inf and v != -math.inf
+
+
+def _host_readable(t: torch.Tensor) -> bool:
+    """Reading the value costs no device sync and no graph break: a CPU tensor outside torch.compile."""
+    return t.device.type == "cpu" and not _is_compiling()
+
+
+def _check_value(name: str, value, must: str, ok_number, ok_tensor) -> None:
+    """The scalar's value on the host where it is readable (ValueError), else in the graph (torch._assert_async:
+    RuntimeError with the same message; asynchronous on an accelerator)."""
+    if isinstance(value, torch.Tensor):
+        if not _host_readable(value):
+            torch._assert_async(ok_tensor(value.detach().reshape(())), f"{name} must be {must}")
+            return
+        value = float(value.detach().reshape(()))
+    if not ok_number(value):
+        raise ValueError(f"{name} must be {must}, got {value}")
 
 
 def check_positive_scalar(name: str, value, *, like: torch.Tensor | None = None, allow_zero: bool = False) -> torch.Tensor | float:
     """A temperature / scale: a python number or a one-element floating tensor, finite and > 0 (>= 0
-    with ``allow_zero``).  Tensors keep their autograd; their value is checked where :func:`_host_value` can."""
+    with ``allow_zero``).  Tensors keep their autograd; their value is checked as :func:`_check_value` says."""
     _check_scalar_type(name, value)
     if isinstance(value, torch.Tensor) and like is not None and value.device != like.device and value.device.type != "cpu":
         raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
-    v = _host_value(value)
-    if v is not None and (not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero)):
-        raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {v}")
-    return value if isinstance(value, torch.Tensor) else float(value)
+    low = (lambda v: v >= 0) if allow_zero else (lambda v: v > 0)
+    _check_value(name, value, "finite and >= 0" if allow_zero else "finite and > 0",
+                 lambda v: _finite(v) and low(v), lambda t: torch.isfinite(t) & low(t))
+    return value if isinstance(value, (torch.Tensor, float)) else float(value)
 
 
 def check_finite_scalar(name: str, value) -> torch.Tensor | float:
     """A bias: a python number or a one-element floating tensor, finite."""
     _check_scalar_type(name, value)
-    v = _host_value(value)
-    if v is not None and not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    return value if isinstance(value, torch.Tensor) else float(value)
+    _check_value(name, value, "finite", _finite, torch.isfinite)
+    return value if isinstance(value, (torch.Tensor, float)) else float(value)
+
+
+def check_bool(name: str, value) -> bool:
+    """A flag: ``True`` or ``False`` only (``symmetric="false"`` is an error, not a true value)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def check_labels(name: str, labels, n: int, like: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """The public losses: validate, pick a backend, run it.
 
+float64 (2026-12-01, issue 9 item 2): the fused kernels compute in float32, so float64 inputs run the float64
+reference on every backend (:func:`_backend`); ``gradcheck`` passes at this API on every backend.
+
 Each public function resolves the backend of its op (the table in ``_backends.py``: ``"infonce"``,
 ``"siglip"``, ``"dispersive"``, ``"uniformity"``, ...) and calls the op's core (``infonce_core`` ... in
 ``infonce.py`` / ``dispersive.py``) with it; the ``"torch"`` backend runs the dense references in
@@ -29,11 +32,22 @@ REDUCTIONS = ("none", "mean", "sum")
 DISPERSIVE_VARIANTS = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
 
 
+def _backend(op: str, backend, *tensors, api: Optional[str] = None, shape: Optional[Sequence[int]] = None) -> str:
+    """The backend that runs ``op``: ``resolve_backend``'s choice (which also rejects a bad ``backend`` and applies
+    the shape crossover), except that float64 inputs always run the float64 reference -- the fused kernels would
+    compute them in float32."""
+    name = resolve_backend(op, backend, tensors[0].device, api=api, shape=shape)
+    if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors):
+        return "torch"
+    return name
+
+
 def _zero_grad_anchor(loss: torch.Tensor, *tensors) -> torch.Tensor:
-    """Adds ``0 * t`` so that every tensor argument gets a (zero) gradient, as in the reference."""
+    """Adds ``0 * loss * t`` so that every tensor argument gets a zero gradient, as in the reference -- and a
+    non-finite one when the loss is non-finite (the reference's gradient is NaN there too)."""
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.requires_grad:
-            loss = loss + 0.0 * t.sum().to(loss.dtype)
+            loss = loss + (0.0 * loss.detach()) * t.sum().to(loss.dtype)
     return loss
 
 
@@ -50,12 +64,14 @@ def info_nce(query: Tensor, key: Optional[Tensor] = None, *, temperature: Scalar
     all queries, or (N, K, D) per-query negatives (row i its own K; diagonal/supcon positives, see
     :func:`contrastgen.reference.info_nce_paired_ref`), or an object with ``as_negatives()`` (e.g.
     :class:`contrastgen.nn.MoCoQueue`, passed without a copy).  Returns a scalar, or (N,) with ``reduction="none"``.
+    float64 inputs run the float64 reference.
 
     ``similarity="dot"`` (the default) uses the features as given: ``s_ij = q_i . k_j / temperature``.
     ``similarity="cosine"`` L2-normalises query, key and negatives first (pytorch-metric-learning's
     ``CosineSimilarity``, CoDE, CONFORM); the gradient flows through the normalisation.
     """
     V.check_tensor("query", query, ndim=2)
+    V.check_bool("symmetric", symmetric)
     V.check_choice("positives", positives, POSITIVES)
     V.check_choice("reduction", reduction, REDUCTIONS)
     V.check_choice("similarity", similarity, SIMILARITIES)
@@ -101,8 +117,8 @@ def info_nce(query: Tensor, key: Optional[Tensor] = None, *, temperature: Scalar
             raise ValueError("per-query negatives (3-D negatives) support positives='diagonal' and 'supcon', not 'pml'")
     if in_batch_negatives is None:
         in_batch_negatives = negatives is None
-    elif not isinstance(in_batch_negatives, bool):
-        raise TypeError(f"in_batch_negatives must be a bool or None, got {type(in_batch_negatives).__name__}")
+    else:
+        V.check_bool("in_batch_negatives", in_batch_negatives)
     if symmetric:
         if key is None or negatives is not None or positives == "pml":
             raise ValueError("symmetric=True needs key, no negatives bank, and positives 'diagonal' or 'supcon'")
@@ -116,7 +132,8 @@ def info_nce(query: Tensor, key: Optional[Tensor] = None, *, temperature: Scalar
     if paired:
         return _info_nce_paired(query, key, negatives, temperature, labels, key_labels, positives, in_batch_negatives,
                                 reduction, backend)
-    name = resolve_backend("infonce", backend, query.device, api="info_nce", shape=(n, m + (0 if negatives is None else negatives.shape[0]), query.shape[1]))
+    name = _backend("infonce", backend, query, key, negatives, api="info_nce",
+                    shape=(n, m + (0 if negatives is None else negatives.shape[0]), query.shape[1]))
     if name == "torch":
         return ref.info_nce_ref(query, key, temperature=temperature, labels=labels, key_labels=key_labels,
                                 positives=positives, negatives=negatives, in_batch_negatives=in_batch_negatives,
@@ -178,12 +195,13 @@ def clip_loss(image: Tensor, text: Tensor, logit_scale: Scalar, logit_bias: Opti
               backend: Optional[str] = None) -> Tensor:
     """OpenCLIP ``ClipLoss``: symmetric cross-entropy of ``logit_scale * image @ text.T (+ logit_bias)``.
 
-    ``logit_scale`` is the multiplier (already exponentiated).  image, text: (N, D) -> scalar."""
+    ``logit_scale`` is the multiplier (already exponentiated).  image, text: (N, D) -> scalar.  float64 inputs run
+    the float64 reference."""
     _check_pair(image, text)
     logit_scale = V.check_positive_scalar("logit_scale", logit_scale, like=image)
     if logit_bias is not None:
         logit_bias = V.check_finite_scalar("logit_bias", logit_bias)
-    name = resolve_backend("infonce", backend, image.device, api="clip_loss", shape=(image.shape[0], text.shape[0], image.shape[1]))
+    name = _backend("infonce", backend, image, text, api="clip_loss", shape=(image.shape[0], text.shape[0], image.shape[1]))
     if name == "torch":
         return ref.clip_loss_ref(image, text, logit_scale, logit_bias)
     scale = V.to_scalar_tensor(logit_scale, image)
@@ -198,7 +216,7 @@ def siglip_loss(image: Tensor, text: Tensor, logit_scale: Scalar, logit_bias: Sc
     _check_pair(image, text)
     logit_scale = V.check_positive_scalar("logit_scale", logit_scale, like=image)
     logit_bias = V.check_finite_scalar("logit_bias", logit_bias)
-    name = resolve_backend("siglip", backend, image.device, api="siglip_loss", shape=(image.shape[0], text.shape[0], image.shape[1]))
+    name = _backend("siglip", backend, image, text, api="siglip_loss", shape=(image.shape[0], text.shape[0], image.shape[1]))
     if name == "torch":
         return ref.siglip_loss_ref(image, text, logit_scale, logit_bias)
     row = siglip_core(name, image, text, V.to_scalar_tensor(logit_scale, image), V.to_scalar_tensor(logit_bias, image))
@@ -213,11 +231,16 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: Scalar = 0.5, backend: Optio
     if z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must have the same shape (N, D): z1 {tuple(z1.shape)}, z2 {tuple(z2.shape)}")
     temperature = V.check_positive_scalar("temperature", temperature, like=z1)
-    name = resolve_backend("infonce", backend, z1.device, api="nt_xent", shape=(2 * z1.shape[0], 2 * z1.shape[0], z1.shape[1]))
+    name = _backend("infonce", backend, z1, z2, api="nt_xent", shape=(2 * z1.shape[0], 2 * z1.shape[0], z1.shape[1]))
     if name == "torch":
         return ref.nt_xent_ref(z1, z2, temperature)
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2], 0), dim=1)
+    # normalised in float32: in bf16 / fp16 the normalisation's backward cancels (g - z (z.g)) and amplifies the
+    # rounding of a not-quite-unit z (found by tests/test_fuzz.py).  The C++ kernel computes in float32 anyway and
+    # takes the float32 z; Triton gets it rounded back to the input dtype (its bf16 tensor-core products).
+    z = F.normalize(torch.cat([z1, z2], 0).float(), dim=1)
+    if name != "cpp":
+        z = z.to(z1.dtype)
     labels = torch.arange(n, device=z.device).repeat(2)
     scale = 1.0 / V.to_scalar_tensor(temperature, z1)
     row, _, _, _ = infonce_core(name, z, z, None, scale, labels, labels, True, True, False, False)
@@ -230,7 +253,9 @@ def dispersive_loss(z: Tensor, *, variant: str = "infonce_l2", tau: float = 0.5,
     """Dispersive Loss (Wang & He 2025) of B samples flattened to M features.
 
     z (B, ...) -> scalar; with ``grouped=True`` z (G, B, ...) -> (G,) (G independent groups in one call).
-    See :func:`contrastgen.reference.dispersive_loss_ref` for the variants."""
+    See :func:`contrastgen.reference.dispersive_loss_ref` for the variants.  float64 inputs run the float64
+    reference."""
+    V.check_bool("grouped", grouped)
     V.check_tensor("z", z, min_ndim=3 if grouped else 2)
     V.check_choice("variant", variant, DISPERSIVE_VARIANTS)
     tau = V.check_positive_scalar("tau", tau)
@@ -240,7 +265,8 @@ def dispersive_loss(z: Tensor, *, variant: str = "infonce_l2", tau: float = 0.5,
     z3 = z if grouped else z.unsqueeze(0)
     if variant == "covariance" and z3.shape[1] < 2:
         raise ValueError(f"variant='covariance' needs at least 2 samples per group, got z of shape {tuple(z.shape)}")
-    name = resolve_backend("dispersive", backend, z.device, api="dispersive_loss", shape=(z3.shape[0] * z3.shape[1], z3.shape[1], z3[0, 0].numel()))
+    name = _backend("dispersive", backend, z, api="dispersive_loss",
+                    shape=(z3.shape[0] * z3.shape[1], z3.shape[1], z3[0, 0].numel()))
     if name == "torch":
         out = ref.dispersive_loss_ref(z3, variant=variant, tau=tau, margin=margin, grouped=True)
     else:
@@ -254,7 +280,7 @@ def uniformity(x: Tensor, *, t: float = 2.0, backend: Optional[str] = None) -> T
     t = V.check_positive_scalar("t", t)
     if x.shape[0] < 2:
         raise ValueError(f"uniformity needs at least 2 samples, got x of shape {tuple(x.shape)}")
-    name = resolve_backend("uniformity", backend, x.device, api="uniformity", shape=(x.shape[0], x.shape[0], x[0].numel()))
+    name = _backend("uniformity", backend, x, api="uniformity", shape=(x.shape[0], x.shape[0], x[0].numel()))
     if name == "torch":
         return ref.uniformity_ref(x, t=t)
     return uniformity_core(name, x.reshape(x.shape[0], -1), t).to(x.dtype)
@@ -279,6 +305,8 @@ def patch_nce(query: Union[Tensor, Sequence[Tensor]], key: Union[Tensor, Sequenc
 
     ``reduction="none"`` returns the (L,) per-layer losses, ``"sum"`` their sum.  Every layer runs in one fused
     launch per direction (:mod:`contrastgen.ops.patchnce`); float64 input runs the reference."""
+    V.check_bool("all_negatives_from_minibatch", all_negatives_from_minibatch)
+    V.check_bool("detach_key", detach_key)
     qs = [query] if isinstance(query, torch.Tensor) else list(query)
     ks = [key] if isinstance(key, torch.Tensor) else list(key)
     if len(qs) != len(ks) or not qs:
@@ -336,6 +364,8 @@ def attention_nce(maps: Tensor, token_groups: Sequence, *, prev_maps: Optional[T
 
     ``token_groups``: [[2, 3], [6, 7]] (shared by every prompt) or, for (B, H, W, 77) maps, one such list per
     prompt.  See :func:`contrastgen.reference.attention_nce_ref` for the options."""
+    V.check_bool("softmax_normalize", softmax_normalize)
+    V.check_bool("softmax_normalize_attention_maps", softmax_normalize_attention_maps)
     V.check_tensor("maps", maps, ndim=(3, 4))
     if maps.shape[-1] < 3:
         raise ValueError(f"maps must have a token axis (last) with at least 3 entries, got shape {tuple(maps.shape)}")
@@ -368,8 +398,6 @@ def attention_nce(maps: Tensor, token_groups: Sequence, *, prev_maps: Optional[T
             raise ValueError(f"kernel_size {kernel_size} is larger than the reflect-padded maps "
                              f"({maps.shape[-3] + 2}x{maps.shape[-2] + 2} for maps of shape {tuple(maps.shape)})")
         sigma = V.check_positive_scalar("sigma", sigma)
-    if not isinstance(softmax_normalize, bool) or not isinstance(softmax_normalize_attention_maps, bool):
-        raise TypeError("softmax_normalize and softmax_normalize_attention_maps must be bools")
     name = resolve_backend("attention_nce", backend, maps.device, api="attention_nce")
     if name == "torch" or maps.dtype == torch.float64:
         return ref.attention_nce_ref(maps, token_groups, prev_maps=prev_maps, temperature=temperature,

@@ -10,8 +10,6 @@ backend table (``contrastgen/ops/_backends.py``) and has the signatures of ``con
 """
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Optional, Tuple
 
 import torch
@@ -27,17 +25,6 @@ def _f32(*shape, like: Tensor) -> Tensor:
 def _stats_columns(op: str, backend: str) -> int:
     """Width of the row/col stats of ``backend`` (contract: >= 2; a launcher module may declare STATS_COLUMNS)."""
     return int(getattr(launcher(op, backend), "STATS_COLUMNS", 2))
-
-
-@functools.lru_cache(maxsize=None)
-def _takes_needs(fn) -> bool:
-    """2026-12-01: whether a backward launcher takes the ``needs_*`` flags of the contract (the C++ launcher gains
-    them in a parallel change); until every launcher does, the flags are passed only where accepted."""
-    return "needs_dq" in inspect.signature(fn).parameters
-
-
-def _call_bwd(fn, *args, **needs):
-    return fn(*args, **needs) if _takes_needs(fn) else fn(*args)
 
 
 def _grad_or_empty(g: Optional[Tensor], like: Tensor, needed: bool) -> Tensor:
@@ -73,10 +60,9 @@ def infonce_bwd(q: Tensor, k: Tensor, bank: Optional[Tensor], scale: Tensor, q_l
                 needs_dbank: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dbank, dscale); a gradient that is not needed (and dbank without a bank) is an empty
     (0, D) tensor."""
-    dq, dk, dbank, dscale = _call_bwd(launcher("infonce", backend).infonce_bwd, q, k, bank, scale, q_labels,
-                                      k_labels, exclude_self, in_batch_negatives, pml, symmetric, row_stats,
-                                      col_stats, g_row, g_col, needs_dq=needs_dq, needs_dk=needs_dk,
-                                      needs_dbank=needs_dbank)
+    dq, dk, dbank, dscale = launcher("infonce", backend).infonce_bwd(
+        q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric, row_stats, col_stats,
+        g_row, g_col, needs_dq=needs_dq, needs_dk=needs_dk, needs_dbank=needs_dbank)
     return (_grad_or_empty(dq, q, needs_dq), _grad_or_empty(dk, k, needs_dk),
             _grad_or_empty(dbank, q, needs_dbank and bank is not None), dscale.reshape(()).to(torch.float32))
 
@@ -133,8 +119,8 @@ def _(q, k, scale, bias, backend):
 @torch.library.custom_op("contrastgen::siglip_bwd", mutates_args=())
 def siglip_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, g_row: Tensor, backend: str,
                needs_dq: bool = True, needs_dk: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dscale, dbias = _call_bwd(launcher("siglip", backend).siglip_bwd, q, k, scale, bias, g_row,
-                                      needs_dq=needs_dq, needs_dk=needs_dk)
+    dq, dk, dscale, dbias = launcher("siglip", backend).siglip_bwd(q, k, scale, bias, g_row, needs_dq=needs_dq,
+                                                                    needs_dk=needs_dk)
     return (_grad_or_empty(dq, q, needs_dq), _grad_or_empty(dk, k, needs_dk), dscale.reshape(()).to(torch.float32),
             dbias.reshape(()).to(torch.float32))
 
