@@ -135,7 +135,7 @@ def main():
            "rounds": args.rounds, "reps": args.reps, "load": loads, "summary": summary, "times_ms": times}
     try:
         sys.path.insert(0, ROOT)
-        from benches.harness import cpu_model
+        from contrastgen.bench.harness import cpu_model
         rec["cpu"] = cpu_model()
     except Exception:
         pass

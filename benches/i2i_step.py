@@ -14,8 +14,8 @@ the gradient agreement is recorded.  The UNet is built from config with random w
 ``--config sd15`` is Stable Diffusion 1.5's UNet (64 x 64 latents, 512 px images; for the GPU), ``--config reduced``
 the same topology at reduced width (channels (32, 64, 128, 128), 8 heads, 32 x 32 latents; for the CPU).
 
-Time: median of repeated steps (``benches.harness.time_fn``; CUDA events on GPU); memory: peak above what was
-allocated before the step (``benches.harness.measure_memory``: ``max_memory_allocated`` on CUDA, the profiler's CPU
+Time: median of repeated steps (``contrastgen.bench.harness.time_fn``; CUDA events on GPU); memory: peak above what was
+allocated before the step (``contrastgen.bench.harness.measure_memory``: ``max_memory_allocated`` on CUDA, the profiler's CPU
 allocator peak on CPU).  The load average is recorded.
 
     python benches/i2i_step.py --config reduced                 # CPU -> benches/results/i2i_step_cpu_<date>.json
@@ -34,7 +34,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benches.harness import (CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, cpu_model, git, load_average,  # noqa: E402
+from contrastgen.bench.harness import (CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, cpu_model, git, load_average,  # noqa: E402
                              measure_memory, setup_threads, time_fn)
 
 CONFIGS = {

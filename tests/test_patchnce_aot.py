@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 K = pytest.importorskip("contrastgen.kernels.patchnce")
-from benches import cases as C  # noqa: E402
+from contrastgen.bench import cases as C  # noqa: E402
 
 
 def _have():
