@@ -693,17 +693,21 @@ static inline __attribute__((always_inline)) float row_two_exp(float* __restrict
 //   columns give an exact 0), col_w (weight of exp(x_ij - col_lse_j) on valid entries, g_col / T_col),
 //   col_pk / col_pc (positive entries get col_pk * col_w * exp(..) - col_pc), col_cb = col_w exp(R - col_lse)
 //   for the one-exponential (factored) path, R = col_ref.
+//   renorm = false (label rows, not pml): the row stats are external -- merged over more keys than this call
+//   sees (a ring block of torch.distributed, contrastgen/distributed/_blocks.py) -- so the row is not
+//   renormalised: P_ij = exp(x_ij - lse_i) as is, positives g (P_ip - 1/npos) even when npos = 1.
 template <bool LAB, bool EXCL>
 static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t m, i64arr& q_labels, i64arr& k_labels,
                                bool in_batch_negatives, bool pml, bool symmetric, f32arr& row_stats, f32arr& g_row,
                                f32arr& col_lse, f32arr& col_w, f32arr& col_pk, f32arr& col_pc, f32arr& col_cb,
-                               double col_ref, bool want_dscale) {
+                               double col_ref, bool want_dscale, bool renorm) {
     constexpr bool has_labels = LAB, exclude_self = EXCL;
     check(S.ndim() == 2, "S must be 2-D");
     const int64_t b = S.shape(0), C = S.shape(1);
     check(m >= 0 && m <= C, "m must be in [0, S.shape[1]]");
     check_shape(row_stats, {b, 2}, "row_stats");
     check_shape(g_row, {b}, "g_row");
+    check(renorm || (has_labels && !pml), "external row stats (renormalize=False) need labels and no pml");
     if (has_labels) {
         check(q_labels.ndim() == 1 && q_labels.shape(0) >= row0 + b, "q_labels too short");
         check_shape(k_labels, {m}, "k_labels");
@@ -908,10 +912,12 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
                         x[j] = e;
                     }
                     const float T = Tn + Tp;
-                    const float w = gr / T;
+                    // external stats (renorm false): e_j is the softmax as is (T is this block's share of the row)
+                    const float w = renorm ? gr / T : gr;
                     // positives: g (e_p / T - 1 / npos); with one positive -g T_n / T (no cancellation)
-                    const float kp = npos == 1.f ? 0.f : 1.f;
-                    const float cp = npos == 1.f ? gr * (Tn / T) : gr / npos;
+                    const bool lone = renorm && npos == 1.f;
+                    const float kp = lone ? 0.f : 1.f;
+                    const float cp = lone ? gr * (Tn / T) : gr / npos;
                     const float sw = scale * w, skp = scale * kp * w, scp = scale * cp;
                     // entries outside the valid set hold e = +0 -> 0 (a NaN row is poisoned as a whole below)
 #pragma omp simd
@@ -948,9 +954,10 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
                     for (int l = 0; l < kLanes; ++l) Tn += ln[l], Tp += lp[l];
                 }
                 const float T = Tn + Tp;
-                const float w = has_row ? gr / T : 0.f;
-                const float kp = npos == 1.f ? 0.f : 1.f;
-                const float cp = !has_row ? 0.f : (npos == 1.f ? gr * (Tn / T) : gr / npos);
+                const float w = has_row ? (renorm ? gr / T : gr) : 0.f;
+                const bool lone = renorm && npos == 1.f;
+                const float kp = lone ? 0.f : 1.f;
+                const float cp = !has_row ? 0.f : (lone ? gr * (Tn / T) : gr / npos);
 #pragma omp simd reduction(+ : acc)
                 for (int64_t j = 0; j < m; ++j) {
                     const float s = x[j];
@@ -980,11 +987,11 @@ static double infonce_bwd_impl(f32arr& S, double scale_d, int64_t row0, int64_t 
 double infonce_bwd_block(f32arr S, double scale_d, int64_t row0, int64_t m, i64arr q_labels, i64arr k_labels,
                          bool has_labels, bool exclude_self, bool in_batch_negatives, bool pml, bool symmetric,
                          f32arr row_stats, f32arr g_row, f32arr col_lse, f32arr col_w, f32arr col_pk, f32arr col_pc,
-                         f32arr col_cb, double col_ref, bool want_dscale) {
+                         f32arr col_cb, double col_ref, bool want_dscale, bool renormalize) {
     auto run = [&](auto lab, auto excl) {
         return infonce_bwd_impl<decltype(lab)::value, decltype(excl)::value>(
             S, scale_d, row0, m, q_labels, k_labels, in_batch_negatives, pml, symmetric, row_stats, g_row, col_lse,
-            col_w, col_pk, col_pc, col_cb, col_ref, want_dscale);
+            col_w, col_pk, col_pc, col_cb, col_ref, want_dscale, renormalize);
     };
     using T = std::true_type;
     using F = std::false_type;
@@ -1171,7 +1178,8 @@ PYBIND11_MODULE(_cpp_infonce, mod) {
             py::arg("exclude_self"), py::arg("in_batch_negatives"), py::arg("pml"), py::arg("symmetric"),
             py::arg("row_stats").noconvert(), py::arg("g_row").noconvert(), py::arg("col_lse").noconvert(),
             py::arg("col_w").noconvert(), py::arg("col_pk").noconvert(), py::arg("col_pc").noconvert(),
-            py::arg("col_cb").noconvert(), py::arg("col_ref"), py::arg("want_dscale") = true);
+            py::arg("col_cb").noconvert(), py::arg("col_ref"), py::arg("want_dscale") = true,
+            py::arg("renormalize") = true);
     mod.def("infonce_col_norm_block", &infonce_col_norm_block, py::arg("S").noconvert(), py::arg("scale"),
             py::arg("row0"), py::arg("q_labels").noconvert(), py::arg("k_labels").noconvert(), py::arg("has_labels"),
             py::arg("in_batch_negatives"), py::arg("col_lse").noconvert(), py::arg("col_acc").noconvert());

@@ -1035,8 +1035,11 @@ def _round_up(x, to=16):
 
 def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric,
                 row_stats, col_stats, g_row, g_col, needs_dq=True, needs_dk=True, needs_dbank=True,
-                deterministic=None):
-    """Fused InfoNCE backward: (dq or None, dk or None, dbank or None, dscale 0-d float32)."""
+                deterministic=None, external_stats=False):
+    """Fused InfoNCE backward: (dq or None, dk or None, dbank or None, dscale 0-d float32).
+
+    ``external_stats`` (stats merged over more keys than ``k``, a ring block) changes nothing here: this kernel
+    always takes the softmax against the stats it is given, never renormalising them."""
     det = _deterministic(deterministic)
     dtypes = (q.dtype, k.dtype, None if bank is None else bank.dtype)
     c = _prepare(q, k, bank, scale, q_labels, k_labels)
@@ -1098,10 +1101,24 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_ne
         if needs_dbank:
             part_db = _mm32(ds_bk.t(), qc)
             dbank32 = part_db if dbank32 is None else dbank32.add_(part_db)
+    # Non-finite rule (2026-12-02, issue 9 item 1): a NaN logit makes the reference's whole dS row (column) NaN,
+    # even where the kernel writes an exact 0 (a row without positives, g = 0), and 0 * NaN then reaches every
+    # dq entry of that row and every dk / dbank entry.  Poisoned here on the O(N D) outputs, not the dS slab (an
+    # extra pass over it would cost ~10% at N = 65536), without a host sync.
+    bad_row = torch.isnan(row_stats[:n, 0])
+    bad_col = torch.isnan(col_stats[:m, 0]) if symmetric else bad_row[:0]
+    bad_any = bad_row.any() | bad_col.any()
+    nan = torch.tensor(float("nan"), device=dev)
+    if needs_dq:
+        dq32 = torch.where(bad_row[:, None] | bad_col.any(), nan, dq32)
+    if needs_dk:
+        dk32 = torch.where(bad_any, nan, dk32)
+    if needs_dbank:
+        dbank32 = torch.where(bad_any, nan, dbank32)
     dq = dq32.to(dtypes[0]) if needs_dq else None
     dk = dk32.to(dtypes[1]) if needs_dk else None
     dbank_out = dbank32.to(dtypes[2]) if needs_dbank else None
-    return dq, dk, dbank_out, torch.stack(dscale).sum()
+    return dq, dk, dbank_out, torch.where(bad_any, nan, torch.stack(dscale).sum())
 
 
 def siglip_fwd(q, k, scale, bias):

@@ -46,7 +46,7 @@ def test_backend_for_reports_choice_and_reason():
     r = cg.backend_for("alignment", a, b)
     assert (r.backend, r.source) == ("torch", "reference-only")
     r = cg.backend_for("patch_nce", [torch.randn(1, 4, 3)], [torch.randn(1, 4, 3)])
-    assert (r.backend, r.source) == ("torch", "reference-only")
+    assert (r.backend, r.source, r.kernel_op) == ("cpp", "default", "patch_nce")   # fused since issue 10
     with pytest.raises(ValueError, match="unknown op"):
         cg.backend_for("no_such_loss", a)
 

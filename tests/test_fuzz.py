@@ -476,8 +476,6 @@ def test_fuzz_infonce_family_nonfinite(data):
 
 
 @pytest.mark.skipif(not _HAVE_TRITON, reason="triton not installed")
-@pytest.mark.xfail(strict=True, reason="issue 9 item 1 (Triton): NaN/Inf in the features becomes a finite loss; "
-                   "gpu-infonce helper (kernels/infonce.py), not landed here")
 @given(data=st.data())
 @examples(0.5, shrink=False)
 def test_fuzz_infonce_family_nonfinite_triton(data):
@@ -500,8 +498,6 @@ def test_fuzz_dispersive_and_uniformity_nonfinite(data):
 
 
 @pytest.mark.skipif(not _HAVE_TRITON, reason="triton not installed")
-@pytest.mark.xfail(strict=True, reason="issue 9 item 1 (dispersive part): a NaN in z gives a finite tiled dispersive /"
-                   " hinge / uniformity loss on Triton; dispersive helper, not landed here")
 @given(data=st.data())
 @examples(0.5, shrink=False)
 def test_fuzz_dispersive_and_uniformity_nonfinite_triton(data):
@@ -511,7 +507,7 @@ def test_fuzz_dispersive_and_uniformity_nonfinite_triton(data):
 @given(data=st.data())
 @examples(0.75)
 def test_fuzz_reference_only_ops(data):
-    """alignment, patch_nce, attention_nce (no fused kernel yet): layouts, dtypes and values at the reference."""
+    """alignment (reference only), patch_nce, attention_nce (default backend): layouts, dtypes and values."""
     check(data.draw(reference_op_cases()), None)
 
 
@@ -523,8 +519,6 @@ def test_fuzz_reference_only_ops_nonfinite(data):
 
 # ----------------------------------------------------------------------------------------------- known defects elsewhere
 @pytest.mark.skipif(not _HAVE_TRITON, reason="triton not installed")
-@pytest.mark.xfail(strict=True, reason="issue 9 item 4 (Triton): accuracy at logit scale 1e2-1e4 / temperature "
-                   "1e-3 (the fuzz found 9x PyTorch's gradient error at scale 100 and 40x at 31.6, both D = 1); gpu-infonce helper (kernels/infonce.py), not landed here")
 @given(seed=st.integers(0, 2 ** 16), scale=st.sampled_from([1e2, 1e3, 1e4]))
 @examples(0.25, shrink=False)
 def test_triton_large_scale(seed, scale):
@@ -539,9 +533,6 @@ def test_triton_large_scale(seed, scale):
 
 
 @pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
-@pytest.mark.xfail(strict=True, reason="issue 9 item 3: the dispersive float32 gradient near the floor log(1/B) "
-                   "differentiates the diagonal through |z_i|^2 + |z_i|^2 - 2 z_i.z_i; dispersive helper, not "
-                   "landed here")
 @given(seed=st.integers(0, 2 ** 16))
 @examples(0.25, shrink=False)
 def test_dispersive_gradient_near_the_floor(backend, seed):
@@ -557,8 +548,6 @@ def test_dispersive_gradient_near_the_floor(backend, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(strict=True, reason="issue 9 item 8: uniformity(t=<tensor requiring grad>) drops t's gradient on "
-                   "cpp and Triton; dispersive helper, not landed here")
 @given(seed=st.integers(0, 2 ** 16))
 @examples(0.1, shrink=False)
 def test_uniformity_temperature_tensor_gets_its_gradient(backend, seed):

@@ -94,16 +94,19 @@ def test_env_backend_and_explicit_backend(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         cg.clip_loss(x4(), x4(), 10.0)
     monkeypatch.delenv("CONTRASTGEN_BACKEND")
-    with pytest.raises(ValueError, match="patch_nce"):   # explicit but not implemented: raise, never a silent fallback
-        _dispatch.resolve_backend("patch_nce", "cpp", torch.device("cpu"))
+    # every op of the table has fused kernels now; a row without them stands for a reference-only op
+    monkeypatch.setitem(_backends.BACKEND_TABLE, "ref_only_op", {})
+    with pytest.raises(ValueError, match="ref_only_op"):   # explicit but not implemented: raise, never a fallback
+        _dispatch.resolve_backend("ref_only_op", "cpp", torch.device("cpu"))
 
 
-def test_reference_only_op_runs_the_reference_without_warning():
-    # patch_nce has no fused kernel yet (documented as reference-only): the default runs the reference silently;
+def test_reference_only_op_runs_the_reference_without_warning(monkeypatch):
+    # an op without a fused kernel (documented as reference-only) runs the reference silently by default;
     # the warning is for kernels that exist but cannot run (test_missing_cpp_extension_falls_back_to_reference).
+    monkeypatch.setitem(_backends.BACKEND_TABLE, "ref_only_op", {})
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        assert _dispatch.resolve_backend("patch_nce", None, torch.device("cpu")) == "torch"
+        assert _dispatch.resolve_backend("ref_only_op", None, torch.device("cpu")) == "torch"
     assert not [x for x in w if "contrastgen" in str(x.message)]
 
 
@@ -188,7 +191,7 @@ def _dynamic_calls():
         ("alignment", lambda a, b: cg.alignment(a, b), (q, k)),
         ("patch_nce", lambda a, b: cg.patch_nce(a[None], b[None]), (q, k)),
         ("InfoNCELoss", lambda a, b: cgnn.InfoNCELoss()(a, b), (q, k)),
-        ("NTXentLoss", lambda a, b: cgnn.NTXentLoss()(a, b), (q, k)),
+        ("NTXentLoss", lambda a, b: cgnn.NTXentLoss()(torch.cat([a, b]), torch.arange(a.shape[0]).repeat(2)), (q, k)),
         ("DispersiveLoss", lambda a, b: cgnn.DispersiveLoss()(a), (q, k)),
     ]
 

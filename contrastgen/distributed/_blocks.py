@@ -93,7 +93,8 @@ class InfoNCEBlocks:
             cs, gc = q.new_zeros(0, 2, dtype=torch.float32), q.new_zeros(0, dtype=torch.float32)
         dq, dk, _, dscale = torch.ops.contrastgen.infonce_bwd(
             q, k, None, _f32(scale, q), q_labels, k_labels, False, True, False, self.symmetric,
-            row_stats.float().contiguous(), cs, g_row.float().contiguous(), gc, self.backend)
+            row_stats.float().contiguous(), cs, g_row.float().contiguous(), gc, self.backend,
+            external_stats=True)
         return dq, dk, dscale
 
     def _bwd_torch(self, q, k, scale, q_labels, k_labels, row_stats, g_row, col_stats, g_col):

@@ -182,7 +182,8 @@ def infonce_fwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_ba
     return row_loss, col_loss, row_stats, col_stats
 
 
-def _column_terms(ext, fill, n, m, bsz, buf, sc, ql, kl, has_labels, in_batch_negatives, col_stats, g_col):
+def _column_terms(ext, fill, n, m, bsz, buf, sc, ql, kl, has_labels, in_batch_negatives, col_stats, g_col,
+                  renormalize: bool = True):
     """The per-column inputs of the symmetric backward epilogue (see csrc infonce_bwd_impl):
     (col_lse, col_w, col_pk, col_pc, col_cb, col_ref)."""
     cst = col_stats.detach().to(torch.float32)
@@ -195,7 +196,7 @@ def _column_terms(ext, fill, n, m, bsz, buf, sc, ql, kl, has_labels, in_batch_ne
     col_lse = torch.where(live, lse, float("inf")).contiguous()  # dead columns give exact zeros
     one = npos == 1
     finite_live = lse[live]
-    if finite_live.numel() and float(finite_live.abs().nan_to_num(0.0).max()) > COL_NORM_LSE:
+    if renormalize and finite_live.numel() and float(finite_live.abs().nan_to_num(0.0).max()) > COL_NORM_LSE:
         acc = torch.zeros(2, m, dtype=torch.float64)
         an, cl = acc.numpy(), col_lse.numpy()
         for i0 in range(0, n, bsz):
@@ -227,16 +228,20 @@ def _column_terms(ext, fill, n, m, bsz, buf, sc, ql, kl, has_labels, in_batch_ne
 
 def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_batch_negatives: bool, pml: bool,
                 symmetric: bool, row_stats, col_stats, g_row, g_col, needs_dq: bool = True, needs_dk: bool = True,
-                needs_dbank: bool = True, deterministic=None):
+                needs_dbank: bool = True, deterministic=None, external_stats: bool = False):
     """-> (dq like q or None, dk like k or None, dbank like bank or None, dscale 0-d float32).
 
     ``needs_dq`` / ``needs_dk`` / ``needs_dbank``: the products of gradients nobody asked for are skipped (a MoCo
     bank without grad: no dbank product).  ``deterministic`` is accepted for the launcher contract: this backend
-    is deterministic for a given thread count either way (README, Numerics)."""
+    is deterministic for a given thread count either way (README, Numerics).  ``external_stats``: the stats were
+    merged over more keys than ``k`` (a ring block, ``contrastgen/distributed``), so neither rows nor columns
+    are renormalised against this call's keys (needs labels, not pml)."""
     ext = _need_ext()
     qf, keys, m, kb, has_labels, ql, kl = _prepare(q, k, bank, q_labels, k_labels)
     n, c, d = qf.shape[0], keys.shape[0], qf.shape[1]
     _check_flags(exclude_self, symmetric, pml, kb, n, m)
+    if external_stats and (pml or not has_labels):
+        raise ValueError("external_stats=True needs q_labels / k_labels and pml=False")
     needs_dbank = bool(needs_dbank) and kb > 0
     sc = _scalar(scale, "scale")
     rstats = row_stats.detach().to(torch.float32).contiguous()
@@ -248,7 +253,8 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_ba
     fill = _logits_product(qf, keys)
     qln, kln = ql.numpy(), kl.numpy()
     if symmetric:
-        cols = _column_terms(ext, fill, n, m, bsz, buf, sc, qln, kln, has_labels, in_batch_negatives, col_stats, g_col)
+        cols = _column_terms(ext, fill, n, m, bsz, buf, sc, qln, kln, has_labels, in_batch_negatives, col_stats, g_col,
+                             renormalize=not external_stats)
         cl, cw, cpk, cpc, ccb = (t.numpy() for t in cols[:5])
         col_ref = cols[5]
     else:
@@ -270,7 +276,8 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_ba
         fill(i0, s)
         dscale += ext.infonce_bwd_block(s.numpy(), sc, i0, m, qln, kln, has_labels, bool(exclude_self),
                                         bool(in_batch_negatives), bool(pml), bool(symmetric), rsn[i0:i0 + b],
-                                        gn[i0:i0 + b], cl, cw, cpk, cpc, ccb, col_ref, not from_products)
+                                        gn[i0:i0 + b], cl, cw, cpk, cpc, ccb, col_ref, not from_products,
+                                        not external_stats)
         if dq is not None:
             torch.matmul(s, keys, out=dq[i0:i0 + b])             # (b, C) @ (C, D): dQ_blk = scale dS K
         if dkeys is not None:

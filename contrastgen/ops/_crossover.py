@@ -30,6 +30,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
+import torch
+
 SCHEMA = "contrastgen.crossover/1"
 DATA_FILE = Path(__file__).with_name("crossover.json")
 DEFAULT_DENSE_MAX_BYTES = 32 * 2**20
@@ -120,6 +122,9 @@ def prefer_dense(op: str, device_type: str, pairs: int, dim: int) -> Tuple[bool,
         return False, ""
     logit_bytes = 4 * pairs
     budget = dense_max_bytes()
+    if torch.compiler.is_compiling():
+        # the sizes may be symbolic (torch.compile, dynamic shapes): decide without formatting them (2026-12-02)
+        return bool(pairs < below and logit_bytes <= budget), "shape rule (traced by torch.compile)"
     where = f"{op} on {device_type}, {_load()[1]}"
     if pairs >= below:
         return False, f"{pairs} pairs >= crossover {below:.0f} at dim {dim} ({where})"
@@ -174,3 +179,12 @@ def describe() -> List[str]:
             parts.append(f"dim {d:g}: < {p:.0f} pairs (~{n}^2)" if p > 0 else f"dim {d:g}: never")
         lines.append(f"  {op:16s} {device:5s} dense reference when " + "; ".join(parts))
     return lines
+
+
+# Read the table at import (2026-12-02): torch.compile(fullgraph=True) cannot trace the file system calls of a
+# first _load() inside a compiled region (posix.stat), so the cache must already hold it; a bad
+# CONTRASTGEN_CROSSOVER still raises, at the first dispatch that needs it.
+try:
+    _load()
+except ValueError:
+    pass

@@ -157,7 +157,7 @@ def _decide(op: str, backend: Optional[str], device: torch.device, api: Optional
                + (f" (so do {sib})" if sib and sib != api else ""))
         return BackendChoice(api, op, dev, "torch", "fallback", why), warn or (f"{op}:{default}", msg)
     if shape is not None:
-        rows, cols, dim = (int(x) for x in shape)
+        rows, cols, dim = shape         # SymInts under torch.compile(dynamic=True): the rule then guards on them
         dense, rule = _crossover.prefer_dense(api, device.type, rows * cols, dim)
         if dense:
             return BackendChoice(api, op, dev, "torch", "shape rule", rule, rule), warn

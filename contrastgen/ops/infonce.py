@@ -56,20 +56,21 @@ def _(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, p
 def infonce_bwd(q: Tensor, k: Tensor, bank: Optional[Tensor], scale: Tensor, q_labels: Optional[Tensor],
                 k_labels: Optional[Tensor], exclude_self: bool, in_batch_negatives: bool, pml: bool, symmetric: bool,
                 row_stats: Tensor, col_stats: Tensor, g_row: Tensor, g_col: Tensor, backend: str,
-                needs_dq: bool = True, needs_dk: bool = True,
-                needs_dbank: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                needs_dq: bool = True, needs_dk: bool = True, needs_dbank: bool = True,
+                external_stats: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dbank, dscale); a gradient that is not needed (and dbank without a bank) is an empty
-    (0, D) tensor."""
+    (0, D) tensor.  ``external_stats``: row/col stats merged over more keys than ``k`` (the ring blocks of
+    ``contrastgen.distributed``): the softmax is taken against them as given (labels rows, not pml)."""
     dq, dk, dbank, dscale = launcher("infonce", backend).infonce_bwd(
         q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric, row_stats, col_stats,
-        g_row, g_col, needs_dq=needs_dq, needs_dk=needs_dk, needs_dbank=needs_dbank)
+        g_row, g_col, needs_dq=needs_dq, needs_dk=needs_dk, needs_dbank=needs_dbank, external_stats=external_stats)
     return (_grad_or_empty(dq, q, needs_dq), _grad_or_empty(dk, k, needs_dk),
             _grad_or_empty(dbank, q, needs_dbank and bank is not None), dscale.reshape(()).to(torch.float32))
 
 
 @infonce_bwd.register_fake
 def _(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_negatives, pml, symmetric, row_stats, col_stats,
-      g_row, g_col, backend, needs_dq=True, needs_dk=True, needs_dbank=True):
+      g_row, g_col, backend, needs_dq=True, needs_dk=True, needs_dbank=True, external_stats=False):
     dbank = torch.empty_like(bank) if bank is not None and needs_dbank else q.new_empty(0, q.shape[1])
     dq = torch.empty_like(q) if needs_dq else q.new_empty(0, q.shape[1])
     dk = torch.empty_like(k) if needs_dk else k.new_empty(0, k.shape[1])
