@@ -1101,24 +1101,46 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self, in_batch_ne
         if needs_dbank:
             part_db = _mm32(ds_bk.t(), qc)
             dbank32 = part_db if dbank32 is None else dbank32.add_(part_db)
-    # Non-finite rule (2026-12-02, issue 9 item 1): a NaN logit makes the reference's whole dS row (column) NaN,
-    # even where the kernel writes an exact 0 (a row without positives, g = 0), and 0 * NaN then reaches every
-    # dq entry of that row and every dk / dbank entry.  Poisoned here on the O(N D) outputs, not the dS slab (an
-    # extra pass over it would cost ~10% at N = 65536), without a host sync.
-    bad_row = torch.isnan(row_stats[:n, 0])
-    bad_col = torch.isnan(col_stats[:m, 0]) if symmetric else bad_row[:0]
-    bad_any = bad_row.any() | bad_col.any()
-    nan = torch.tensor(float("nan"), device=dev)
-    if needs_dq:
-        dq32 = torch.where(bad_row[:, None] | bad_col.any(), nan, dq32)
-    if needs_dk:
-        dk32 = torch.where(bad_any, nan, dk32)
-    if needs_dbank:
-        dbank32 = torch.where(bad_any, nan, dbank32)
+    # Non-finite rule (2026-12-02, issue 9 item 1): a NaN logit makes the reference's dS NaN on every *valid*
+    # entry of its row (column), even where the kernel writes an exact 0 (a row without positives, g = 0); the
+    # products then carry it to the whole dq row and to the dk / dbank rows of those valid entries.  Poisoned
+    # here on the O(N D) outputs, not on the dS slab (an extra pass over it would cost ~10% at N = 65536).
+    bad_any = None
+    if needs_dq or needs_dk or needs_dbank:
+        bad_row = torch.isnan(row_stats[:n, 0])
+        bad_col = torch.isnan(col_stats[:m, 0]) if symmetric else None
+        nan = torch.tensor(float("nan"), device=dev)
+        bad_any = bad_row.any() if bad_col is None else bad_row.any() | bad_col.any()
+        if needs_dq:
+            dq32 = torch.where(bad_row[:, None] if bad_col is None else bad_row[:, None] | bad_col.any(), nan, dq32)
+        if needs_dk:
+            hit = _valid_columns_of(bad_row, c, m, exclude_self, in_batch_negatives, dev)
+            hit = hit if bad_col is None else hit | bad_col | bad_row.any()
+            dk32 = torch.where(hit[:, None], nan, dk32)
+        if needs_dbank:
+            dbank32 = torch.where(bad_row.any(), nan, dbank32)
     dq = dq32.to(dtypes[0]) if needs_dq else None
     dk = dk32.to(dtypes[1]) if needs_dk else None
     dbank_out = dbank32.to(dtypes[2]) if needs_dbank else None
-    return dq, dk, dbank_out, torch.where(bad_any, nan, torch.stack(dscale).sum())
+    dscale = torch.stack(dscale).sum()
+    return dq, dk, dbank_out, dscale if bad_any is None else torch.where(bad_any, nan, dscale)
+
+
+def _valid_columns_of(bad_row, c, m, exclude_self, in_batch_negatives, dev):
+    """(m,) bool: key j is a valid entry of some row in ``bad_row`` (the non-finite rule above)."""
+    n = bad_row.shape[0]
+    own = torch.zeros(m, dtype=torch.bool, device=dev)
+    r = min(n, m)
+    own[:r] = bad_row[:r]                                   # key j = i: row i's own column
+    if in_batch_negatives:                                  # every key is in the row's set (less itself)
+        others = bad_row.sum() - (own.long() if exclude_self else 0)
+        return torch.broadcast_to(others > 0, (m,))
+    if not c.has_labels:                                    # diagonal positives only
+        return own
+    # positives only: the keys that share a bad row's label (a rare path: torch.unique syncs)
+    _, inv = torch.unique(torch.cat([c.ql[:n].reshape(-1), c.kl[:m].reshape(-1)]), return_inverse=True)
+    cls_bad = torch.zeros(n + m, dtype=torch.long, device=dev).index_add_(0, inv[:n], bad_row.long())
+    return (cls_bad[inv[n:]] - (own.long() if exclude_self else 0)) > 0
 
 
 def siglip_fwd(q, k, scale, bias):

@@ -562,8 +562,8 @@ def test_backward_skips_products_of_gradients_not_needed(bank_rows, monkeypatch)
 
 def test_launcher_accepts_the_agreed_keywords():
     import inspect
-    assert list(inspect.signature(C.infonce_bwd).parameters)[-4:] == ["needs_dq", "needs_dk", "needs_dbank",
-                                                                       "deterministic"]
+    assert list(inspect.signature(C.infonce_bwd).parameters)[-5:] == ["needs_dq", "needs_dk", "needs_dbank",
+                                                                       "deterministic", "external_stats"]
     assert list(inspect.signature(C.siglip_bwd).parameters)[-3:] == ["needs_dq", "needs_dk", "deterministic"]
 
 

@@ -330,3 +330,20 @@ class MaterializingCapture:
         """(h, w, keys): the official ``aggregate_attention`` (mean over every stored (batch * head) slice)."""
         out = torch.cat([p.reshape(-1, self.resolution[0], self.resolution[1], p.shape[-1]) for p in self._probs])
         return out.sum(0) / out.shape[0]
+
+
+class FrozenParams:
+    """Context manager: the parameters of ``module`` do not require grad inside the block, so a guidance
+    gradient goes to the latent only (ConformPipeline, ContrastiveEditPipeline)."""
+
+    def __init__(self, module):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
+        return False

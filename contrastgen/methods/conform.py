@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..ops.api import attention_nce
-from .attention_capture import UNetCapture
+from .attention_capture import FrozenParams, UNetCapture
 
 try:  # diffusers is an optional dependency (the ``methods`` extra)
     from diffusers import StableDiffusionPipeline
@@ -158,22 +158,6 @@ def default_attn_res(unet, latent_h: int, latent_w: int) -> Tuple[int, int]:
         raise ValueError("the UNet has no cross-attention down block; pass attn_res")
     target = latent_h / 4
     return min(avail, key=lambda r: (abs(np.log2(r[0] / target)), -r[0]))
-
-
-class _NoParamGrad:
-    """Parameters of ``module`` do not require grad inside the block (gradients go to the latent only)."""
-
-    def __init__(self, module):
-        self.params = [p for p in module.parameters() if p.requires_grad]
-
-    def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p in self.params:
-            p.requires_grad_(True)
-        return False
 
 
 class ConformPipeline(StableDiffusionPipeline):
@@ -330,7 +314,7 @@ class ConformPipeline(StableDiffusionPipeline):
                     previous_attention_map_anchor_step is None or i == previous_attention_map_anchor_step)
                 loss = None
                 if i in guided or need_prev:
-                    with torch.enable_grad(), _NoParamGrad(self.unet):
+                    with torch.enable_grad(), FrozenParams(self.unet):
                         if i in refine:
                             hist = []
                             for _ in range(refinement_steps):

@@ -86,7 +86,7 @@ from torch import Tensor
 
 from ..ops.api import patch_nce
 from ..reference import patch_nce_ref
-from .attention_capture import UNetCapture
+from .attention_capture import FrozenParams, UNetCapture
 
 try:  # diffusers is an optional dependency (the ``methods`` extra)
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -396,22 +396,6 @@ def guidance_losses(feats: Dict[str, Tensor], maps: Dict[str, Tensor], reference
     return GuidanceLosses(nce, attn, total)
 
 
-class _FrozenParams:
-    """The module's parameters do not require grad inside the block (the gradient goes to the latent only)."""
-
-    def __init__(self, module):
-        self.params = [p for p in module.parameters() if p.requires_grad]
-
-    def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p in self.params:
-            p.requires_grad_(True)
-        return False
-
-
 def guidance_gradient(capture, latents: Tensor, timestep, encoder_hidden_states: Tensor, reference: ReferenceStep, *,
                       nce_weight: float = 1.0, attention_weight: float = 1.0, temperature: float = 0.07,
                       backend=None, fused: bool = True, early_exit: bool = True,
@@ -419,7 +403,7 @@ def guidance_gradient(capture, latents: Tensor, timestep, encoder_hidden_states:
     """One guided step's gradient: the UNet call with ``capture`` (:class:`GuidanceCapture` or the baseline
     :class:`MaterializingCapture`, installed), PatchNCE + attention loss against ``reference``, backward to the
     latent.  Returns (d total / d latents, the losses, detached)."""
-    with torch.enable_grad(), _FrozenParams(capture.unet):
+    with torch.enable_grad(), FrozenParams(capture.unet):
         z = latents.detach().requires_grad_(True)
         feats, maps, _ = capture.run(z, timestep, encoder_hidden_states, early_exit=early_exit, **(unet_kwargs or {}))
         losses = guidance_losses(feats, maps, reference, nce_weight=nce_weight, attention_weight=attention_weight,
