@@ -102,6 +102,7 @@ def test_demo_samples_with_the_training_parameterisation():
         pipe = D.as_pipeline(unet, text, tok, prediction_type=ptype)
         train = D.ddpm_scheduler(ptype)
         assert pipe.scheduler.config.prediction_type == ptype
+        assert pipe.scheduler.config.clip_sample is False     # what the demo records (diffusers would reset it)
         torch.testing.assert_close(pipe.scheduler.alphas_cumprod, train.alphas_cumprod)
     with pytest.raises(ValueError, match="prediction_type"):
         D.train_text_to_image(unet, text, tok, D.all_pairs(), steps=1, batch=1, prediction_type="sample", log=None)

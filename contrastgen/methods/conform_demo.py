@@ -7,8 +7,9 @@ No pretrained Stable Diffusion can be had offline, so the demo trains one (on pi
    green, blue, yellow) with captions "a red square and a blue circle" (:func:`sample_scene_specs`).
 2. :func:`build_text_to_image` builds a small diffusers ``UNet2DConditionModel`` with cross-attention and a
    2-layer ``CLIPTextModel`` from config, with a word-level tokenizer made in memory (:func:`word_tokenizer`);
-   :func:`train_text_to_image` trains both with the epsilon-prediction loss (DDPM schedule) on freshly drawn
-   scenes, holding out some (colour, shape) pairings for evaluation.
+   :func:`train_text_to_image` trains both with the v-prediction loss (linear DDPM schedule) on freshly drawn
+   scenes, holding out some (colour, shape) pairings for evaluation.  (An epsilon-prediction model of this size
+   samples saturated noise from pure noise: see :func:`train_text_to_image`.)
 3. :func:`as_pipeline` wraps the trained model into a :class:`~contrastgen.methods.conform.ConformPipeline`
    (with :func:`pixel_shuffle_vae`), which generates held-out prompts with and without CONFORM.
 4. :func:`detect_objects` scores each image with a detector on the rendered shapes: per colour, the pixels close
@@ -302,9 +303,11 @@ def pixel_shuffle_vae(factor: int = 2):
     return PixelShuffleVAE(factor=factor, block_out_channels=(3,) * nblocks, latent_channels=3 * factor * factor)
 
 
-def sampling_scheduler(prediction_type: str = "v_prediction", clip_sample: bool = True):
+def sampling_scheduler(prediction_type: str = "v_prediction", clip_sample: bool = False):
     """DDIM on the training schedule (:func:`ddpm_scheduler`) with the same ``prediction_type``; ``clip_sample``
-    clips the predicted x0 to the pixel range [-1, 1], as pixel-space DDPMs do."""
+    clips the predicted x0 to the pixel range [-1, 1].  (diffusers' ``StableDiffusionPipeline.__init__`` resets
+    ``clip_sample=True`` to False with a deprecation warning, so the demo's pipeline samples without clipping: the
+    earlier "clip_sample=True" of this demo never took effect.)"""
     from diffusers import DDIMScheduler
     return DDIMScheduler.from_config(ddpm_scheduler(prediction_type).config, set_alpha_to_one=False, steps_offset=1,
                                      clip_sample=clip_sample)
@@ -315,7 +318,7 @@ def as_pipeline(unet, text_encoder, tokenizer, factor: int = 2, prediction_type:
     ``prediction_type`` the model was trained with)."""
     from .conform import ConformPipeline
 
-    sched = sampling_scheduler(prediction_type)
+    sched = sampling_scheduler(prediction_type, clip_sample=False)
     pipe = ConformPipeline(vae=pixel_shuffle_vae(factor), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                            scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -436,7 +439,7 @@ def _git_commit() -> str:
         return ""
 
 
-def run(out_dir, *, train_steps: int = 800, batch: int = 16, width: int = 32, seeds: int = 2,
+def run(out_dir, *, train_steps: int = 1200, batch: int = 16, width: int = 32, seeds: int = 2,
         n_prompts: Optional[int] = None, steps: int = 50, gen_batch: int = 16, guidance_scale: float = 5.0,
         scale_factor: float = 20.0, softmax_normalize: bool = True, seed: int = 0, checkpoint=None,
         prediction_type: str = "v_prediction", progress: bool = True, log=print) -> dict:
@@ -524,7 +527,7 @@ def run(out_dir, *, train_steps: int = 800, batch: int = 16, width: int = 32, se
         "demo": "conform", "commit": _git_commit(), "torch": torch.__version__, "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(), "load_avg_start": load_start, "load_avg_end": _load(),
         "config": dict(train_steps=trained["train_steps"], batch=trained["batch"], width=width, seeds=seeds, steps=steps,
-                       prediction_type=prediction_type, sampler="DDIM (leading spacing, clip_sample)",
+                       prediction_type=prediction_type, sampler="DDIM, leading spacing, steps_offset 1, no x0 clipping",
                        guidance_scale=guidance_scale, scale_factor=scale_factor, softmax_normalize=softmax_normalize,
                        n_prompts=len(held_out), image_size=32, map_resolution=[16, 16], seed=seed),
         "held_out_prompts": [caption(p) for p in held_out],
@@ -548,8 +551,8 @@ def run(out_dir, *, train_steps: int = 800, batch: int = 16, width: int = 32, se
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="contrastgen demo conform", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "benches" / "results" / "demo_conform"))
-    ap.add_argument("--train-steps", type=int, default=800,
-                    help="training steps (default 800: about 5 min at 1 thread on an idle core, ~0.4 s a step)")
+    ap.add_argument("--train-steps", type=int, default=1200,
+                    help="training steps (default 1200: ~9 min at 1 thread at load 6-9, ~0.25-0.45 s a step)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--seeds", type=int, default=2, help="images per held-out prompt and setting")
