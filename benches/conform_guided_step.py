@@ -7,7 +7,11 @@ Variants (each measured in a fresh subprocess, so that the peak memory of one do
   unguided       the ordinary classifier-free-guidance step: no_grad UNet forward on [uncond, cond] (batch 2)
   ours           the guidance step of contrastgen.methods.conform.ConformPipeline: UNet forward with
                  UNetCapture (SDPA everywhere, 16x16 cross-attention maps only, stops after the last of them),
-                 contrastgen.attention_nce (default backend), backward to the latent, latent update
+                 contrastgen.attention_nce (default backend), backward to the latent, latent update; the layer
+                 count that the early exit needs is learnt first by UNetCapture.count_layers (a no_grad forward,
+                 once per pipeline call, as the pipeline does; it runs before the memory baseline but the peak
+                 resident set still includes it); --first-step-counts restores the old measurement, where the
+                 first early-exit step itself runs the whole UNet with autograd to count the layers
   ours_full      the same without the early exit (the whole UNet forward)
   materialising  the official CONFORM processor: every attention layer materialises its probabilities
                  (get_attention_scores + bmm, the 4096 x 4096 self-attention at 64x64 included), the reference
@@ -54,7 +58,8 @@ def _unet(width_div: int, device, dtype):
     return unet.to(device=device, dtype=dtype).eval(), ch
 
 
-def measure(variant: str, width_div: int, device: str, dtype_name: str, repeats: int, backend) -> dict:
+def measure(variant: str, width_div: int, device: str, dtype_name: str, repeats: int, backend,
+            count_in_step: bool = False) -> dict:
     """Runs in the child process: one variant, peak memory of its first step, then timed repeats."""
     import torch
 
@@ -83,6 +88,9 @@ def measure(variant: str, width_div: int, device: str, dtype_name: str, repeats:
     elif variant in ("ours", "ours_full"):
         cap = UNetCapture(unet, resolution=(16, 16)).install()
         early = variant == "ours"
+        if early and not count_in_step:
+            cap.count_layers(z0, t, cond)   # as ConformPipeline does once per call (no_grad); else the first
+            #                                 early-exit forward runs the whole UNet with autograd to count the layers
 
         def step():
             with torch.enable_grad(), _NoParamGrad(unet):
@@ -157,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default=None, help="attention_nce backend (default: the device's)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--first-step-counts", action="store_true",
+                    help="ours: no count_layers first (the first early-exit step runs the whole UNet to count layers)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     dtype = a.dtype or ("float16" if a.device == "cuda" else "float32")
@@ -165,7 +175,8 @@ def main(argv=None) -> int:
         import torch
         torch.set_num_threads(a.threads)
     if a.child:
-        print("RESULT " + json.dumps(measure(a.child, wdiv, a.device, dtype, a.repeats, a.backend)))
+        print("RESULT " + json.dumps(measure(a.child, wdiv, a.device, dtype, a.repeats, a.backend,
+                                                    count_in_step=a.first_step_counts)))
         return 0
     rows, load0 = [], _load()
     env = dict(os.environ)
@@ -177,6 +188,8 @@ def main(argv=None) -> int:
             cmd += ["--threads", str(a.threads)]
         if a.backend:
             cmd += ["--backend", a.backend]
+        if a.first_step_counts:
+            cmd += ["--first-step-counts"]
         t0 = time.time()
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -210,7 +223,8 @@ def main(argv=None) -> int:
     out = {"benchmark": "conform_guided_step", "device": a.device, "dtype": dtype, "width_div": wdiv,
            "latent": [1, 4, 64, 64], "attention_heads": 8, "cross_attention_dim": 768,
            "torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
-           "threads": a.threads or torch.get_num_threads(), "commit": commit, "load_avg_start": load0,
+           "threads": a.threads or torch.get_num_threads(), "commit": commit,
+           "ours_counts_layers_first": not a.first_step_counts, "load_avg_start": load0,
            "load_avg_end": _load(), "date": _dt.datetime.now().isoformat(timespec="seconds"), "ratios": ratios,
            "rows": rows}
     if a.device == "cuda" and torch.cuda.is_available():

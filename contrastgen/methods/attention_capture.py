@@ -256,10 +256,28 @@ class UNetCapture:
         return (self._sum / self._heads).view(b, self.resolution[0], self.resolution[1], nk)
 
     # ------------------------------------------------------------------ running the UNet
+    def count_layers(self, sample: Tensor, timestep, encoder_hidden_states: Tensor, **unet_kwargs) -> int:
+        """Learn how many cross-attention layers run at ``resolution`` with one forward under ``no_grad`` (no
+        activations kept), so that the next :meth:`forward` with ``early_exit=True`` can already stop early:
+        without it the first early-exit forward runs the whole UNet with autograd to count them, and that full
+        forward is the guidance's peak memory.  Returns the count."""
+        if not self._installed:
+            raise RuntimeError("UNetCapture.count_layers needs install() (or `with capture:`) first")
+        if self.resolution is None:
+            return 0
+        with torch.no_grad():
+            self.reset(rows=slice(0, 1), enabled=True)
+            self._early_exit = False
+            self.unet(sample[:1], timestep, encoder_hidden_states=encoder_hidden_states[:1], **unet_kwargs)
+        self.expected_layers = self._layers
+        self.reset()
+        return self.expected_layers
+
     def forward(self, sample: Tensor, timestep, encoder_hidden_states: Tensor, *, rows=None, early_exit: bool = True,
                 **unet_kwargs):
         """Run the UNet with capture.  Returns its output, or None when it stopped early (``early_exit=True`` and
-        every capture complete before the end; the first call always runs to the end to count the layers)."""
+        every capture complete before the end; the first call runs to the end to count the layers unless
+        :meth:`count_layers` ran first)."""
         if not self._installed:
             raise RuntimeError("UNetCapture.forward needs install() (or `with capture:`) first")
         self.reset(rows=rows, enabled=True)

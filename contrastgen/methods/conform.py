@@ -302,6 +302,9 @@ class ConformPipeline(StableDiffusionPipeline):
             step = alpha * grad * active.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
             return (z - step).detach()
 
+        if guided and early_exit:
+            with capture:   # a no_grad forward counts the layers, so no guidance forward runs the whole UNet
+                capture.count_layers(latents, timesteps[0], cond_embeds, **unet_kw)
         prev_maps = None
         step_losses: List[Optional[torch.Tensor]] = []
         refinement_losses: Dict[int, List[torch.Tensor]] = {}

@@ -7,8 +7,9 @@ No pretrained Stable Diffusion can be had offline, so the demo trains one (on pi
    green, blue, yellow) with captions "a red square and a blue circle" (:func:`sample_scene_specs`).
 2. :func:`build_text_to_image` builds a small diffusers ``UNet2DConditionModel`` with cross-attention and a
    2-layer ``CLIPTextModel`` from config, with a word-level tokenizer made in memory (:func:`word_tokenizer`);
-   :func:`train_text_to_image` trains both with the epsilon-prediction loss (DDPM schedule) on freshly drawn
-   scenes, holding out some (colour, shape) pairings for evaluation.
+   :func:`train_text_to_image` trains both with the v-prediction loss (linear DDPM schedule) on freshly drawn
+   scenes, holding out some (colour, shape) pairings for evaluation.  (An epsilon-prediction model of this size
+   samples saturated noise from pure noise: see :func:`train_text_to_image`.)
 3. :func:`as_pipeline` wraps the trained model into a :class:`~contrastgen.methods.conform.ConformPipeline`
    (with :func:`pixel_shuffle_vae`), which generates held-out prompts with and without CONFORM.
 4. :func:`detect_objects` scores each image with a detector on the rendered shapes: per colour, the pixels close
@@ -40,6 +41,7 @@ COLORS: Dict[str, Tuple[float, float, float]] = {
     "red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.1, 0.2, 0.95), "yellow": (0.95, 0.9, 0.1)}
 SHAPES = ("square", "circle", "triangle")
 WORDS = ("a", "and") + tuple(COLORS) + SHAPES
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 # ----------------------------------------------------------------------------------------------- tokenizers
@@ -202,10 +204,12 @@ def build_text_to_image(tokenizer, size: int = 32, seed: int = 0, width: int = 3
     return unet, text
 
 
-def ddpm_scheduler():
+def ddpm_scheduler(prediction_type: str = "epsilon"):
+    """The training noise schedule (linear betas 1e-4..0.02 over 1000 steps, as pixel-space DDPMs).  The CONFORM
+    demo trains with ``prediction_type="v_prediction"``; see :func:`train_text_to_image` for why."""
     from diffusers import DDPMScheduler
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                         clip_sample=False)
+                         clip_sample=False, prediction_type=prediction_type)
 
 
 def encode(text_encoder, tokenizer, captions: Sequence[str]) -> torch.Tensor:
@@ -215,10 +219,22 @@ def encode(text_encoder, tokenizer, captions: Sequence[str]) -> torch.Tensor:
 
 
 def train_text_to_image(unet, text_encoder, tokenizer, pairs, *, steps: int = 1500, batch: int = 32, lr: float = 2e-3,
-                        size: int = 32, seed: int = 0, p_uncond: float = 0.1, factor: int = 2, log=print):
-    """Epsilon-prediction training of ``unet`` and ``text_encoder`` on freshly drawn scenes of ``pairs``; captions are
-    dropped (empty prompt) with probability ``p_uncond`` for classifier-free guidance.  Returns the loss curve."""
-    sched = ddpm_scheduler()
+                        size: int = 32, seed: int = 0, p_uncond: float = 0.1, factor: int = 2, log=print,
+                        prediction_type: str = "epsilon", progress: bool = False):
+    """Diffusion training of ``unet`` and ``text_encoder`` on freshly drawn scenes of ``pairs`` (target: the noise
+    for ``prediction_type="epsilon"``, the velocity sqrt(a) eps - sqrt(1 - a) x0 for ``"v_prediction"``); captions
+    are dropped (empty prompt) with probability ``p_uncond`` for classifier-free guidance.  Returns the loss curve.
+    ``progress``: a tqdm bar over the steps (stderr).
+
+    Why the CONFORM demo uses ``"v_prediction"``: with this schedule sqrt(alpha_bar) is 0.0064 at t = 999 (0.0095 at
+    the first DDIM step, t = 981), and sampling from pure noise reads the clean image off the model as
+    x0 = (x_t - sqrt(1 - a) eps) / sqrt(a): an epsilon model must be accurate to ~1e-3 there.  The tiny model trained
+    for minutes is not (its eps error at t = 999 is ~0.16 RMS, i.e. an x0 error of ~25), so its samples from noise
+    were saturated noise, while DDIM-inverted latents (the i2i demo) stayed fine.  A v model predicts ~ -x0 at high
+    noise, so its errors stay bounded.  (Inversion-based demos keep ``"epsilon"``.)"""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    sched = ddpm_scheduler(prediction_type)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -229,6 +245,10 @@ def train_text_to_image(unet, text_encoder, tokenizer, pairs, *, steps: int = 15
     text_encoder.train()
     curve = []
     t0 = time.time()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc="training", unit="step", mininterval=2.0)
     for k in range(steps):
         for gparam in opt.param_groups:
             gparam["lr"] = lr_at(k)
@@ -238,15 +258,22 @@ def train_text_to_image(unet, text_encoder, tokenizer, pairs, *, steps: int = 15
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         xt = sched.add_noise(x0, noise, t)
+        target = noise if prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
         pred = unet(xt, t, encoder_hidden_states=encode(text_encoder, tokenizer, caps)).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         curve.append(loss.item())
+        if bar is not None:
+            bar.update()
+            if k % 10 == 0:
+                bar.set_postfix(loss=f"{np.mean(curve[-50:]):.4f}", refresh=False)
         if log and (k % max(1, steps // 10) == 0 or k == steps - 1):
             log(f"  train step {k:5d}/{steps}  loss {np.mean(curve[-50:]):.4f}  ({time.time() - t0:.0f} s)")
+    if bar is not None:
+        bar.close()
     unet.eval()
     text_encoder.eval()
     return curve
@@ -276,14 +303,22 @@ def pixel_shuffle_vae(factor: int = 2):
     return PixelShuffleVAE(factor=factor, block_out_channels=(3,) * nblocks, latent_channels=3 * factor * factor)
 
 
-def as_pipeline(unet, text_encoder, tokenizer, factor: int = 2):
-    """A :class:`~contrastgen.methods.conform.ConformPipeline` around the trained model (DDIM sampling)."""
+def sampling_scheduler(prediction_type: str = "v_prediction", clip_sample: bool = False):
+    """DDIM on the training schedule (:func:`ddpm_scheduler`) with the same ``prediction_type``; ``clip_sample``
+    clips the predicted x0 to the pixel range [-1, 1].  (diffusers' ``StableDiffusionPipeline.__init__`` resets
+    ``clip_sample=True`` to False with a deprecation warning, so the demo's pipeline samples without clipping: the
+    earlier "clip_sample=True" of this demo never took effect.)"""
     from diffusers import DDIMScheduler
+    return DDIMScheduler.from_config(ddpm_scheduler(prediction_type).config, set_alpha_to_one=False, steps_offset=1,
+                                     clip_sample=clip_sample)
 
+
+def as_pipeline(unet, text_encoder, tokenizer, factor: int = 2, prediction_type: str = "v_prediction"):
+    """A :class:`~contrastgen.methods.conform.ConformPipeline` around the trained model (DDIM sampling; pass the
+    ``prediction_type`` the model was trained with)."""
     from .conform import ConformPipeline
 
-    # pixel values: clip the predicted x0 to [-1, 1] (as pixel-space DDPMs do); without it the tiny model diverges
-    sched = DDIMScheduler.from_config(ddpm_scheduler().config, set_alpha_to_one=False, steps_offset=1, clip_sample=True)
+    sched = sampling_scheduler(prediction_type, clip_sample=False)
     pipe = ConformPipeline(vae=pixel_shuffle_vae(factor), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                            scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -342,7 +377,8 @@ def detector_accuracy(pairs, n: int = 200, seed: int = 1, size: int = 32) -> Dic
 
 # ------------------------------------------------------------------------------------------- generation
 def generate(pipe, pairs, *, guided: bool, seeds: Sequence[int], steps: int = 50, batch: int = 16,
-             guidance_scale: float = 5.0, conform_kwargs: Optional[dict] = None, maps: bool = False):
+             guidance_scale: float = 5.0, conform_kwargs: Optional[dict] = None, maps: bool = False,
+             progress: bool = False, desc: str = ""):
     """Images (n, H, W, 3) in [0, 1] for every (pair, seed), the per-step attention maps of the last chunk
     (if ``maps``), and the wall time.  ``guided=False`` runs the same pipeline with no CONFORM step."""
     jobs = [(p, s) for p in pairs for s in seeds]
@@ -350,6 +386,10 @@ def generate(pipe, pairs, *, guided: bool, seeds: Sequence[int], steps: int = 50
     if not guided:
         kw.update(max_iter_to_alter=0, iterative_refinement_steps=())
     images, all_maps = [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(jobs), desc=desc or ("conform" if guided else "unguided"), unit="img")
     t0 = time.perf_counter()
     for k in range(0, len(jobs), batch):
         chunk = jobs[k:k + batch]
@@ -360,7 +400,11 @@ def generate(pipe, pairs, *, guided: bool, seeds: Sequence[int], steps: int = 50
         images.append(out.images)
         if maps:
             all_maps.append(torch.stack(out.attention_maps, 1))   # (b, steps, h, w, 77)
+        if bar is not None:
+            bar.update(len(chunk))
     wall = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
     return np.concatenate(images), (torch.cat(all_maps) if maps else None), wall
 
 
@@ -395,10 +439,10 @@ def _git_commit() -> str:
         return ""
 
 
-def run(out_dir, *, train_steps: int = 1000, batch: int = 16, width: int = 32, seeds: int = 2,
+def run(out_dir, *, train_steps: int = 1200, batch: int = 16, width: int = 32, seeds: int = 2,
         n_prompts: Optional[int] = None, steps: int = 50, gen_batch: int = 16, guidance_scale: float = 5.0,
         scale_factor: float = 20.0, softmax_normalize: bool = True, seed: int = 0, checkpoint=None,
-        log=print) -> dict:
+        prediction_type: str = "v_prediction", progress: bool = True, log=print) -> dict:
     """Train, generate held-out prompts with and without CONFORM, score, write PNGs and JSON; returns the JSON."""
     from .conform import save_attention_overlays
 
@@ -418,29 +462,43 @@ def run(out_dir, *, train_steps: int = 1000, batch: int = 16, width: int = 32, s
         f"{len(held_out)} held out)")
     t0 = time.perf_counter()
     ckpt = Path(checkpoint) if checkpoint else None
+    trained = dict(train_steps=train_steps, batch=batch, width=width, seed=seed, prediction_type=prediction_type)
+    loaded = False
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu")
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        got = {k: state.get(k, "epsilon" if k == "prediction_type" else None) for k in trained}
+        if got["width"] != width or got["prediction_type"] != prediction_type:
+            raise ValueError(f"checkpoint {ckpt} was trained with width={got['width']}, prediction_type="
+                             f"{got['prediction_type']!r}; this run asks for width={width}, prediction_type="
+                             f"{prediction_type!r} (pass matching --width/--prediction-type or another --checkpoint)")
+        trained = got
+        loaded = True
         unet.load_state_dict(state["unet"])
         text.load_state_dict(state["text"])
         curve, train_s = state["curve"], state["train_seconds"]
         unet.eval()
         text.eval()
-        log(f"loaded the trained model from {ckpt} (trained in {train_s:.0f} s)")
+        log(f"loaded the trained model from {ckpt} ({trained}; trained in {train_s:.0f} s)")
     else:
-        curve = train_text_to_image(unet, text, tok, train_pairs, steps=train_steps, batch=batch, seed=seed, log=log)
+        curve = train_text_to_image(unet, text, tok, train_pairs, steps=train_steps, batch=batch, seed=seed,
+                                    log=None if progress else log, prediction_type=prediction_type, progress=progress)
         train_s = time.perf_counter() - t0
+        log(f"trained in {train_s:.0f} s, loss {np.mean(curve[:50]):.4f} (first 50 steps) -> "
+            f"{np.mean(curve[-50:]):.4f} (last 50)")
         if ckpt is not None:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "curve": curve, "train_seconds": train_s,
-                        "train_steps": train_steps, "batch": batch, "width": width}, ckpt)
-    pipe = as_pipeline(unet, text, tok)
+                        "load_avg": _load(), **trained}, ckpt)
+            log(f"saved the trained model to {ckpt}")
+    pipe = as_pipeline(unet, text, tok, prediction_type=prediction_type)
     kw = dict(scale_factor=scale_factor, softmax_normalize=softmax_normalize)
     seed_list = list(range(1000, 1000 + seeds))
     results = {}
     for name, guided in (("unguided", False), ("conform", True)):
         log(f"generating {len(held_out)} held-out prompts x {seeds} seeds, {name} ...")
         imgs, maps, wall = generate(pipe, held_out, guided=guided, seeds=seed_list, steps=steps, batch=gen_batch,
-                                    guidance_scale=guidance_scale, conform_kwargs=kw, maps=True)
+                                    guidance_scale=guidance_scale, conform_kwargs=kw, maps=True, progress=progress,
+                                    desc=name)
         scores = [score(im, p) for im, (p, _) in zip(imgs, [(p, s) for p in held_out for s in seed_list])]
         results[name] = dict(images=imgs, maps=maps, wall_s=wall, scores=scores)
         log(f"  {name}: presence {np.mean([s['presence'] for s in scores]):.3f}, binding "
@@ -468,18 +526,20 @@ def run(out_dir, *, train_steps: int = 1000, batch: int = 16, width: int = 32, s
     summary = {
         "demo": "conform", "commit": _git_commit(), "torch": torch.__version__, "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(), "load_avg_start": load_start, "load_avg_end": _load(),
-        "config": dict(train_steps=train_steps, batch=batch, width=width, seeds=seeds, steps=steps,
+        "config": dict(train_steps=trained["train_steps"], batch=trained["batch"], width=width, seeds=seeds, steps=steps,
+                       prediction_type=prediction_type, sampler="DDIM, leading spacing, steps_offset 1, no x0 clipping",
                        guidance_scale=guidance_scale, scale_factor=scale_factor, softmax_normalize=softmax_normalize,
                        n_prompts=len(held_out), image_size=32, map_resolution=[16, 16], seed=seed),
         "held_out_prompts": [caption(p) for p in held_out],
         "detector_on_rendered_scenes": det,
-        "train": dict(seconds=round(train_s, 1), loss_first_50=float(np.mean(curve[:50])),
+        "train": dict(seconds=round(train_s, 1), loaded_from_checkpoint=loaded, loss_first_50=float(np.mean(curve[:50])),
                       loss_last_50=float(np.mean(curve[-50:]))),
         "rates": {name: {"presence": rate(name, "presence"), "binding": rate(name, "binding"),
                          "objects_present": float(np.mean([s["objects_present"] for s in results[name]["scores"]])) / 2,
                          "objects_bound": float(np.mean([s["objects_bound"] for s in results[name]["scores"]])) / 2}
                   for name in results},
         "seconds_per_image": {name: results[name]["wall_s"] / len(results[name]["images"]) for name in results},
+        "conform_over_unguided_time": results["conform"]["wall_s"] / max(1e-9, results["unguided"]["wall_s"]),
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "files": ["grid_unguided_vs_conform.png", "attention_unguided.png", "attention_conform.png"],
     }
@@ -491,7 +551,8 @@ def run(out_dir, *, train_steps: int = 1000, batch: int = 16, width: int = 32, s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="contrastgen demo conform", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "benches" / "results" / "demo_conform"))
-    ap.add_argument("--train-steps", type=int, default=1000)
+    ap.add_argument("--train-steps", type=int, default=1200,
+                    help="training steps (default 1200: ~9 min at 1 thread at load 6-9, ~0.25-0.45 s a step)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--seeds", type=int, default=2, help="images per held-out prompt and setting")
@@ -503,6 +564,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-softmax-normalize", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prediction-type", default="v_prediction", choices=PREDICTION_TYPES,
+                    help="training target (epsilon samples saturated noise from pure noise at this training size)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--checkpoint", default=None, help="load the trained model from here if it exists, else train "
                     "and save it here (to rerun the generation without retraining)")
     a = ap.parse_args(argv)
@@ -510,7 +574,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     run(a.out, train_steps=a.train_steps, batch=a.batch, width=a.width, seeds=a.seeds, n_prompts=a.prompts,
         steps=a.steps, gen_batch=a.gen_batch, guidance_scale=a.guidance_scale, scale_factor=a.scale_factor,
-        softmax_normalize=not a.no_softmax_normalize, seed=a.seed, checkpoint=a.checkpoint)
+        softmax_normalize=not a.no_softmax_normalize, seed=a.seed, checkpoint=a.checkpoint,
+        prediction_type=a.prediction_type, progress=not a.no_progress)
     return 0
 
 
