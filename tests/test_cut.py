@@ -85,7 +85,7 @@ def test_training_step_without_patchnce():
 def test_demo_end_to_end_tiny(tmp_path):
     from contrastgen.cli import main
     assert main(["demo", "cut", "--tiny", "--no-progress", "--out", str(tmp_path)]) == 0
-    s = json.loads((tmp_path / "summary.json").read_text())
+    s = json.loads((tmp_path / "results.json").read_text())
     assert set(s["runs"]) == {"CUT", "no PatchNCE"}
     for r in s["runs"].values():
         assert 0.0 <= r["accuracy"] <= 1.0 and r["fd"] >= 0.0

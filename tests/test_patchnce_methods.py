@@ -55,7 +55,7 @@ def test_heads_are_created_once_per_layer_on_the_first_call():
     s(_feats(seed=1))
     assert [s.head(i) for i in range(3)] == heads                                       # not recreated
     assert sum(p.numel() for p in s.parameters()) == n_params
-    assert all(float(h[0].bias.abs().max()) == 0 for h in heads)                        # CUT's init_net: biases 0
+    assert all(float(h[0].bias.detach().abs().max()) == 0 for h in heads)                        # CUT's init_net: biases 0
     with pytest.raises(ValueError, match="3 layers"):
         s(_feats()[:2])
 
@@ -130,3 +130,16 @@ def test_loss_module_checks_the_layer_count():
     nce = PatchNCELoss(layers=(0, 4))
     with pytest.raises(ValueError, match="expected 2 feature maps"):
         nce(_feats(), _feats())
+
+
+def test_sampler_checks_its_input():
+    s = PatchSampler(num_patches=4, use_mlp=False)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\).*\(2, 3, 10\)"):
+        s([torch.randn(2, 3, 10)])
+    with pytest.raises(ValueError, match="non-empty"):
+        s([])
+    _, ids = s(_feats())
+    with pytest.raises(ValueError, match="patch_ids holds 2 layers but feats holds 3"):
+        s(_feats(), ids[:2])
+    with pytest.raises(ValueError, match="init_type"):
+        PatchSampler(init_type="uniform")

@@ -17,7 +17,7 @@ term (lambda_NCE = 0: the GAN loss alone).  Measured on the 360 test digits:
   digits in domain B.
 For scale: the classifier on the real domain-B test digits, on the untranslated domain-A test digits, and the FD of
 those two sets.  Writes into --out (default benches/results/demo_cut/): ``translations.png`` (source | CUT | no
-PatchNCE | the fixed transform, for scale), ``losses.png`` and ``summary.json``.
+PatchNCE | the fixed transform, for scale), ``losses.png`` and ``results.json``.
 """
 from __future__ import annotations
 
@@ -269,9 +269,9 @@ def main(argv=None) -> int:
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "total_s": round(time.perf_counter() - t_start, 1),
     }
-    with open(out / "summary.json", "w") as f:
+    with open(out / "results.json", "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"wrote {out / 'summary.json'}, translations.png, losses.png ({summary['total_s']:.0f} s in all)")
+    print(f"wrote {out / 'results.json'}, translations.png, losses.png ({summary['total_s']:.0f} s in all)")
     return 0
 
 
