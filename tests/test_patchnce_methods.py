@@ -79,7 +79,7 @@ def test_init_types(init_type):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Conv2d(4, 8, 3))
     init_weights(net, init_type, 0.02)
-    w = net[0].weight
+    w = net[0].weight.detach()
     assert float(net[0].bias.detach().abs().max()) == 0 and float(net[1].bias.detach().abs().max()) == 0
     if init_type == "normal":
         assert abs(float(w.std()) - 0.02) < 0.003
