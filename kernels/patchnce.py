@@ -46,18 +46,60 @@ Design
   fill entry (initial m = -10/tau, l = 1) keeps m finite, so a masked (-inf) logit never forms -inf - -inf.
 * Dtypes: fp32 / bf16 / fp16 inputs, fp32 accumulation; fp32 products use ``input_precision="tf32x3"``
   (near-fp32 accuracy on tensor cores), 16-bit P tiles are rounded to the input dtype for the second product
-  (as FlashAttention does).  2026-12-01: the Triton interpreter computes bf16 ``tl.dot`` wrongly (upstream issue
-  11584), so under TRITON_INTERPRET=1 the constexpr UPCAST converts dot operands to fp32.
+  (as FlashAttention does); under the interpreter UPCAST computes every product in fp32 (dated notes below).
 
-Cost per tile (BLOCK_M x BLOCK_N, C channels, itemsize b)
---------------------------------------------------------
-  forward:  FLOPs 2 BLOCK_M BLOCK_N C (S) + 2 BLOCK_M BLOCK_N C (O += P K, only with NEED_DQ); bytes BLOCK_N C b
-            (the key tile; the query block, BLOCK_M C b, and the fp32 gq block, 4 BLOCK_M C, once per program).
-            Whole layer: 4 G n^2 C FLOPs (2 G n^2 C without NEED_DQ) for N C b bytes read per row block.
-  backward: key tiles: 4 BLOCK_N BLOCK_M C FLOPs per tile, BLOCK_M C b + 4 BLOCK_M bytes (query tile, lse);
-            dq scaling: 4 + b bytes per element, no FLOPs to speak of.
-  CUT default (keys detached): 2 matmul-equivalents for fwd+bwd (the dense reference does 2 as well, plus
-  ~10 kernels per layer); with key gradients 4 (one more recompute of S than the 3 of a dense backward).
+Constexpr mode flags (each one a separate compiled specialisation; the launchers set them from the inputs)
+-------------------------------------------------------------------------------------------------------------
+  NEED_DQ   forward: accumulate O = sum_j P_ij k_j and write gq (a query needs a gradient); backward: run the
+            dq-scaling programs.                                                           (both kernels)
+  NEED_LSE  forward: store the row lse for the key pass (only with key gradients).         (forward)
+  NEED_DT   forward: accumulate sum_j P_ij x_ij for dL/dtau (a temperature tensor with requires_grad).
+  NEED_DK   backward: run the key ("column") programs [0, n_dk) (detach_key=False).        (backward)
+  MEAN      backward: one upstream scalar for the mean over layers (else one per layer, reduction "none"/"sum").
+  TAU_PTR   read tau from a 1-element device tensor (no host sync) instead of the float argument.
+  ON_CHIP   "single" channel mode (accumulator in registers) vs "multi" (fp32 scratch rows, BLOCK_C chunks).
+  FP32_DOT  fp32 inputs: products with input_precision="tf32x3"; 16-bit inputs: native bf16/fp16 MMA.
+  UPCAST    interpreter only (TRITON_INTERPRET=1): dot operands converted to fp32 (see the dated notes).
+  BLOCK_M / BLOCK_N / BLOCK_C, SCALE_BLOCK: tile sizes (FWD_CONFIGS / BWD_CONFIGS per architecture, below).
+
+Cost per tile (one BLOCK_M x BLOCK_N tile of one group, C = C_l channels, b = input itemsize)
+--------------------------------------------------------------------------------------------
+                           FLOPs                     bytes read (+ written) per tile
+  fwd, ON_CHIP             2 BM BN C (S = Q K^T)     BN C b (the key tile, used for S and for O)
+      + NEED_DQ            + 2 BM BN C (O += P K)
+  fwd, multi               2 BM BN C                 BN C b + BM C b (Q chunks reloaded for S)
+      + NEED_DQ            + 2 BM BN C               + BN C b (K chunks again) + 4 BM C (+ 4 BM C): the fp32 O rows
+                                                     read-modify-written (L2-resident, the program's own rows)
+  bwd key pass, ON_CHIP    4 BN BM C (S^T, dK += ..) BM C b + 4 BM (query tile, lse)
+  bwd key pass, multi      4 BN BM C                 2 BM C b + 4 BM + 4 BN C (+ 4 BN C) (fp32 dK rows, RMW)
+  bwd dq scaling           1 per element             4 (+ b) per element (gq in, dq out); no tiles
+  Once per program: fwd loads the query block (BM C b), writes gq (4 BM C), lse (4 BM) and one loss partial;
+  the key pass loads its key block (BN C b) and writes dk (BN C b).
+  Arithmetic intensity of the ON_CHIP forward with NEED_DQ: 4 BM BN C / (BN C b) = 4 BM / b FLOP/byte of L2
+  traffic (BM = 64: 128 for bf16, 64 for fp32), so the loop is tensor-core bound, not bandwidth bound.
+  Whole layer (G groups of n patches, N = G n): forward 4 G n^2 C FLOPs with NEED_DQ (2 G n^2 C without), key
+  traffic G n (n / BM) C b bytes (every row block of a group streams the group's keys); key pass 4 G n^2 C more.
+  CUT default (keys detached): 2 matmul-equivalents for fwd+bwd, as many as the dense reference's S and dQ
+  products (which add ~10 kernels per layer and O(G n^2) memory); with key gradients 4 against the dense 3 (the
+  key pass recomputes S).
+
+Dated notes on workarounds
+--------------------------
+* 2026-12-01: the Triton interpreter computes bf16 ``tl.dot`` wrongly (it multiplies raw bits, upstream triton
+  issue 11584, not fixed in 3.8): under TRITON_INTERPRET=1 the constexpr UPCAST converts dot operands to fp32.
+  Never set on a GPU.
+* 2026-12-01: fp32 inputs keep the accumulator on chip only up to FP32_ON_CHIP_MAX_C = 32 channels: tf32x3
+  products hold ~3x the operand registers, and a 256-channel fp32 tile spilled (ptxas -v), so
+  fp32 with C > 32 takes the "multi" mode.
+* 2026-12-01: sm_80 fp32 key pass with 4 warps spilled 32 bytes (255 registers); 8 warps use 166 (BWD_CONFIGS).
+  sm_90 fp32 key pass: 32-row tiles (BLOCK_N = 32) compiled to HMMA (mma.sync), so BLOCK_N = 64 there (HGMMA).
+* 2026-12-01: "multi" mode: ``tl.debug_barrier()`` after each tile's read-modify-write of the fp32 O / dK rows,
+  since the next tile's loads of those rows come from other threads of the CTA (no cross-program sharing, so no
+  atomics at all: the SASS has no ATOM/RED, hence no fences; tests/test_aot_compile.py checks).
+* 2026-12-01: outputs that a specialisation does not need are 1-element dummies, not null pointers: the launcher
+  checks pointer arguments, and the dtype of the dummy keeps the compiled signature that AOT_CONFIGS lists.
+* 2026-12-01: G, max_rb, L, max_cb, n_dk and total_elems are ``do_not_specialize``: Triton would otherwise
+  specialise G = 1 (SinCUT) and multiples of 16 as different kernels, one per batch size.
 """
 from __future__ import annotations
 
@@ -88,13 +130,13 @@ def _interpreting() -> bool:
 # ----------------------------------------------------------------------------------------------- helpers
 @triton.jit
 def _dot(a, b, acc, FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b with fp32 accumulation."""
+    """acc + a @ b with fp32 accumulation: a (M, K), b (K, N), acc (M, N) fp32 (the call sites give the shapes)."""
     if UPCAST:  # 2026-12-01: interpreter bf16 tl.dot bug (triton issue 11584): compute in fp32
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)  # (M, K) x (K, N) -> (M, N)
     elif FP32_DOT:
-        acc = tl.dot(a, b, acc, input_precision="tf32x3")
+        acc = tl.dot(a, b, acc, input_precision="tf32x3")  # (M, K) x (K, N) -> (M, N)
     else:
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc)  # (M, K) x (K, N) -> (M, N)
     return acc
 
 
@@ -539,7 +581,7 @@ def patchnce_bwd(grad, qs, ks, groups, tau, mean_layers, lse, gq, need_dq, need_
 
 
 # ----------------------------------------------------------------------------------------------- AOT list
-# The specializations the launchers build for the benchmark shapes (benches/cases.py: patch_nce, patch_nce/minibatch,
+# The specializations the launchers build for the benchmark shapes (contrastgen/bench/cases.py: patch_nce, patch_nce/minibatch,
 # patch_nce/key_grads, patch_nce/i2i): a float temperature (TAU_PTR=False), every channel count and group size a
 # multiple of 16 (the unused slots pass 0), the loss averaged over layers (MEAN); C_max = 256 -> the "single"
 # channel tile 256, C_max = 1280 (i2i, UNet decoder features) -> "multi".  G, max_rb, L, max_cb, n_dk, total_elems

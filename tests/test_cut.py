@@ -85,12 +85,22 @@ def test_training_step_without_patchnce():
 def test_demo_end_to_end_tiny(tmp_path):
     from contrastgen.cli import main
     assert main(["demo", "cut", "--tiny", "--no-progress", "--out", str(tmp_path)]) == 0
-    s = json.loads((tmp_path / "summary.json").read_text())
+    s = json.loads((tmp_path / "results.json").read_text())
     assert set(s["runs"]) == {"CUT", "no PatchNCE"}
     for r in s["runs"].values():
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["fd"] >= 0.0
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["fd"] >= 0.0 and 0.0 <= r["accuracy_polarity_swapped"] <= 1.0
     assert s["runs"]["CUT"]["lambda_nce"] == 1.0 and s["runs"]["no PatchNCE"]["lambda_nce"] == 0.0
     assert "NCE" in s["losses"]["CUT"] and "NCE" not in s["losses"]["no PatchNCE"]
     assert s["data"]["a_train"] + s["data"]["b_train"] == s["data"]["classifier_train"]
     assert {"real_domain_b", "untranslated_domain_a"} <= set(s["scale"])
     assert (tmp_path / "translations.png").stat().st_size > 0 and (tmp_path / "losses.png").stat().st_size > 0
+
+
+def test_polarity_swap_is_an_involution_on_domain_b():
+    from contrastgen.methods.cut_demo import BG, FG, swap_polarity, to_domain_b
+    x01 = torch.rand(3, 1, 16, 16)
+    b = to_domain_b(x01)
+    assert torch.allclose(swap_polarity(swap_polarity(b)), b, atol=1e-5)
+    v = torch.nn.functional.max_pool2d(x01, 3, stride=1, padding=1)      # the stroke weight to_domain_b drew
+    expect = (BG.view(1, 3, 1, 1) * v + FG.view(1, 3, 1, 1) * (1 - v)) * 2 - 1
+    assert torch.allclose(swap_polarity(b), expect, atol=1e-5)

@@ -288,6 +288,20 @@ BAD = [
     (lambda: contrastgen.patch_nce(_x(8, 4), _x(8, 4)), ValueError, ["query[0]", "3 dimensions"]),
     (lambda: contrastgen.patch_nce(_x(2, 8, 4), _x(2, 8, 4), reduction="max"), ValueError, ["reduction"]),
     (lambda: contrastgen.patch_nce(_x(2, 8, 4).long(), _x(2, 8, 4).long()), TypeError, ["query[0]", "floating"]),
+    # a later layer: P or C of the key differs from its query's, a non-tensor entry, an empty layer
+    (lambda: contrastgen.patch_nce([_x(2, 8, 4), _x(2, 6, 8)], [_x(2, 8, 4), _x(2, 6, 9)]), ValueError,
+     ["query[1]", "key[1]", "(2, 6, 8)", "(2, 6, 9)"]),
+    (lambda: contrastgen.patch_nce([_x(2, 8, 4), _x(2, 6, 8)], [_x(2, 8, 4), _x(2, 7, 8)]), ValueError,
+     ["key[1]", "(2, 7, 8)"]),
+    (lambda: contrastgen.patch_nce([_x(2, 8, 4), None], [_x(2, 8, 4), _x(2, 8, 4)]), TypeError,
+     ["query[1]", "Tensor", "NoneType"]),
+    (lambda: contrastgen.patch_nce([_x(2, 0, 4)], [_x(2, 0, 4)]), ValueError, ["query[0]", "empty"]),
+    (lambda: contrastgen.patch_nce([], [_x(2, 8, 4)]), ValueError, ["0 and 1"]),
+    (lambda: contrastgen.patch_nce(_x(2, 8, 4), _x(2, 8, 4), temperature=-0.1), ValueError, ["temperature", "> 0"]),
+    (lambda: contrastgen.patch_nce(_x(2, 8, 4), _x(2, 8, 4), temperature="0.07"), TypeError, ["temperature"]),
+    (lambda: contrastgen.patch_nce(_x(2, 8, 4), _x(2, 8, 4), all_negatives_from_minibatch=1), TypeError,
+     ["all_negatives_from_minibatch"]),
+    (lambda: contrastgen.patch_nce(_x(2, 8, 4), _x(2, 8, 4), detach_key="no"), TypeError, ["detach_key"]),
 ]
 
 

@@ -55,7 +55,7 @@ def test_heads_are_created_once_per_layer_on_the_first_call():
     s(_feats(seed=1))
     assert [s.head(i) for i in range(3)] == heads                                       # not recreated
     assert sum(p.numel() for p in s.parameters()) == n_params
-    assert all(float(h[0].bias.abs().max()) == 0 for h in heads)                        # CUT's init_net: biases 0
+    assert all(float(h[0].bias.detach().abs().max()) == 0 for h in heads)                        # CUT's init_net: biases 0
     with pytest.raises(ValueError, match="3 layers"):
         s(_feats()[:2])
 
@@ -79,8 +79,8 @@ def test_init_types(init_type):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Conv2d(4, 8, 3))
     init_weights(net, init_type, 0.02)
-    w = net[0].weight
-    assert float(net[0].bias.abs().max()) == 0 and float(net[1].bias.abs().max()) == 0
+    w = net[0].weight.detach()
+    assert float(net[0].bias.detach().abs().max()) == 0 and float(net[1].bias.detach().abs().max()) == 0
     if init_type == "normal":
         assert abs(float(w.std()) - 0.02) < 0.003
     if init_type == "orthogonal":
@@ -130,3 +130,16 @@ def test_loss_module_checks_the_layer_count():
     nce = PatchNCELoss(layers=(0, 4))
     with pytest.raises(ValueError, match="expected 2 feature maps"):
         nce(_feats(), _feats())
+
+
+def test_sampler_checks_its_input():
+    s = PatchSampler(num_patches=4, use_mlp=False)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\).*\(2, 3, 10\)"):
+        s([torch.randn(2, 3, 10)])
+    with pytest.raises(ValueError, match="non-empty"):
+        s([])
+    _, ids = s(_feats())
+    with pytest.raises(ValueError, match="patch_ids holds 2 layers but feats holds 3"):
+        s(_feats(), ids[:2])
+    with pytest.raises(ValueError, match="init_type"):
+        PatchSampler(init_type="uniform")

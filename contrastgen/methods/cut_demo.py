@@ -15,9 +15,11 @@ term (lambda_NCE = 0: the GAN loss alone).  Measured on the 360 test digits:
   G(test digit in domain A); it stays high only if the translation kept the digit;
 * Frechet distance (FD) between the classifier's 64-d penultimate features of the translations and of the test
   digits in domain B.
+* diagnostic: the same classifier on the translations with stroke and background colours swapped (a shape kept
+  but drawn in the wrong polarity reads correctly only after the swap).
 For scale: the classifier on the real domain-B test digits, on the untranslated domain-A test digits, and the FD of
 those two sets.  Writes into --out (default benches/results/demo_cut/): ``translations.png`` (source | CUT | no
-PatchNCE | the fixed transform, for scale), ``losses.png`` and ``summary.json``.
+PatchNCE | the fixed transform, for scale), ``losses.png`` and ``results.json``.
 """
 from __future__ import annotations
 
@@ -103,6 +105,16 @@ def train_classifier(x, y, epochs: int, seed: int) -> DigitClassifier:
             loss.backward()
             opt.step()
     return net.eval()
+
+
+def swap_polarity(x: torch.Tensor) -> torch.Tensor:
+    """Diagnostic: project each pixel on domain B's colour line (v = 0 at BG, 1 at FG, clamped) and swap the two
+    colours (v -> 1 - v): a translation that kept the digit's shape but drew it in the wrong polarity (light strokes
+    on dark) is read correctly by the classifier after the swap, one that lost the shape is not."""
+    x01 = (x + 1) / 2
+    d = (FG - BG).view(1, 3, 1, 1)
+    v = (((x01 - BG.view(1, 3, 1, 1)) * d).sum(1, keepdim=True) / (d * d).sum()).clamp(0, 1)
+    return (BG.view(1, 3, 1, 1) * v + FG.view(1, 3, 1, 1) * (1 - v)) * 2 - 1
 
 
 @torch.no_grad()
@@ -237,6 +249,8 @@ def main(argv=None) -> int:
         ref_feats = clf.features(dom["b_test"]).double().numpy()
     scale = {"real_domain_b": evaluate(clf, dom["b_test"], dom["y_test"], ref_feats),
              "untranslated_domain_a": evaluate(clf, dom["a_test"], dom["y_test"], ref_feats)}
+    scale["real_domain_b"]["accuracy_polarity_swapped"] = evaluate(clf, swap_polarity(dom["b_test"]), dom["y_test"],
+                                                                   ref_feats)["accuracy"]
     scale["real_domain_b"]["fd_train_vs_test"] = round(frechet_distance(
         clf.features(dom["b_train"]).detach().double().numpy(), ref_feats), 4)
     print(f"classifier (trained on domain B, {time.perf_counter() - t0:.1f} s): accuracy on domain-B test digits "
@@ -248,12 +262,14 @@ def main(argv=None) -> int:
     for name, lam in (("CUT", 1.0), ("no PatchNCE", 0.0)):
         fake, hist, train_s = train_cut(args, dom, lam, desc=name)
         r = evaluate(clf, fake, dom["y_test"], ref_feats)
+        r["accuracy_polarity_swapped"] = evaluate(clf, swap_polarity(fake), dom["y_test"], ref_feats)["accuracy"]
         k = max(1, len(hist["G_GAN"]) // 10)
         r.update(lambda_nce=lam, nce_idt=lam > 0, train_s=round(train_s, 2),
                  final={key: round(float(np.mean(v[-k:])), 4) for key, v in hist.items()})
         runs[name], fakes[name], hists[name] = r, fake, hist
-        print(f"{name}: content preservation (classifier accuracy on G(A)) {r['accuracy']:.3f}, FD to domain B "
-              f"{r['fd']:.2f}, {train_s:.0f} s", flush=True)
+        print(f"{name}: content preservation (classifier accuracy on G(A)) {r['accuracy']:.3f} (on the "
+              f"polarity-swapped G(A) {r['accuracy_polarity_swapped']:.3f}), FD to domain B {r['fd']:.2f}, "
+              f"{train_s:.0f} s", flush=True)
 
     save_figures(out, dom, fakes, hists)
     summary = {
@@ -261,7 +277,9 @@ def main(argv=None) -> int:
         "data": {**dom["sizes"], "image": "3x16x16 in [-1,1]; A: grey digits; B: thickened (3x3 max), inverted, "
                                           "tinted (dark red on cream); A and B from disjoint training digits"},
         "metric": "classifier trained on domain-B training digits; accuracy on G(A test) = content preservation; "
-                  "FD in its 64-d penultimate features to the domain-B test digits",
+                  "FD in its 64-d penultimate features to the domain-B test digits; accuracy_polarity_swapped: the "
+                  "same classifier on G(A test) with stroke and background colours swapped (diagnostic: shape kept "
+                  "but drawn in the wrong polarity)",
         "scale": scale,
         "runs": runs,
         "losses": hists,
@@ -269,9 +287,9 @@ def main(argv=None) -> int:
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "total_s": round(time.perf_counter() - t_start, 1),
     }
-    with open(out / "summary.json", "w") as f:
+    with open(out / "results.json", "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"wrote {out / 'summary.json'}, translations.png, losses.png ({summary['total_s']:.0f} s in all)")
+    print(f"wrote {out / 'results.json'}, translations.png, losses.png ({summary['total_s']:.0f} s in all)")
     return 0
 
 

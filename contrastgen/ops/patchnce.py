@@ -83,6 +83,9 @@ def _setup(ctx, inputs, output):
     saved = list(q) + list(k) + [lse, gq, dtl] + ([temperature_t] if temperature_t is not None else [])
     ctx.save_for_backward(*saved)
     ctx.args = (groups, temperature, temperature_t is not None, mean_layers, need_dq, need_lse, need_dt, backend)
+    # lse, gq and dtl are statistics for the backward, never used downstream: without this, autograd would fill a
+    # zero gradient the size of the queries for gq on every backward (measured: ~15% of the CUT B = 1 step on CPU)
+    ctx.set_materialize_grads(False)
 
 
 def _split(flat: Tensor, shapes) -> List[Tensor]:
@@ -96,6 +99,8 @@ def _backward(ctx, grad_loss, grad_lse, grad_gq, grad_dtl):
     q, k = list(saved[:ctx.n_q]), list(saved[ctx.n_q:ctx.n_q + ctx.n_k])
     lse, gq, dtl = saved[ctx.n_q + ctx.n_k:ctx.n_q + ctx.n_k + 3]
     temperature_t = saved[-1] if has_t else None
+    if grad_loss is None:     # (gradients are not materialised) only the saved statistics reached the output
+        return [None] * ctx.n_q, [None] * ctx.n_k, None, None, None, None, None, None, None, None
     grad_loss = grad_loss.contiguous()
     dq_list, dk_list, dt = [None] * ctx.n_q, [None] * ctx.n_k, None   # list inputs take lists of gradients
     if need_dq or need_dk:
