@@ -34,11 +34,20 @@ WORD = {w: i for i, w in enumerate(VOCAB)}
 CONTEXT = 10
 SYNONYM = {"large": "big", "small": "little", "square": "box", "circle": "ring", "triangle": "wedge", "cross": "plus",
            "top": "upper", "bottom": "lower"}
-RESULTS = Path(__file__).resolve().parents[2] / "benches" / "results"
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benches" / "results"
 
 
 def default_out(name: str) -> Path:
-    return RESULTS / f"demo_{name}"
+    """``benches/results/demo_<name>`` when run from inside a checkout, else ``./contrastgen_demo_<name>`` (an
+    installed package never writes next to its own files)."""
+    try:
+        inside = Path.cwd().resolve().is_relative_to(ROOT)
+    except AttributeError:  # pragma: no cover  (python < 3.9)
+        inside = str(Path.cwd().resolve()).startswith(str(ROOT))
+    if inside and (ROOT / "benches").is_dir() and (ROOT / "contrastgen").is_dir():
+        return RESULTS / f"demo_{name}"
+    return Path(f"contrastgen_demo_{name}")
 
 
 # ----------------------------------------------------------------------------------------------- data

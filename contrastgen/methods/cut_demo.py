@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common_demo import default_out
 from .cut import CUTConfig, CUTModel
 from .dispersive_demo import frechet_distance, load_digits_16, stratified_split
 
@@ -198,14 +199,7 @@ def save_figures(out: Path, dom, fakes: dict, hists: dict, n_show: int = 10) -> 
 
 # --------------------------------------------------------------------------- entry point
 def default_out_dir() -> Path:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        inside = Path.cwd().resolve().is_relative_to(root)
-    except AttributeError:  # pragma: no cover
-        inside = str(Path.cwd().resolve()).startswith(str(root))
-    if inside and (root / "benches").is_dir() and (root / "contrastgen").is_dir():
-        return root / "benches" / "results" / "demo_cut"
-    return Path("contrastgen_demo_cut")
+    return default_out("cut")
 
 
 def parse_args(argv):

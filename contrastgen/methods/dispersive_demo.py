@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common_demo import default_out
 from .dispersive import PRESETS, DispersiveRegularizer
 from .sit import SiT, interpolate, sample, sit_loss
 
@@ -246,14 +247,7 @@ def save_figures(out, real, runs, hist, cfg_show):
 
 
 def default_out_dir() -> Path:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        inside = Path.cwd().resolve().is_relative_to(root)
-    except AttributeError:  # pragma: no cover  (python < 3.9)
-        inside = str(Path.cwd().resolve()).startswith(str(root))
-    if inside and (root / "benches").is_dir() and (root / "contrastgen").is_dir():
-        return root / "benches" / "results" / "demo_dispersive"
-    return Path("contrastgen_demo")
+    return default_out("dispersive")
 
 
 def parse_args(argv):
