@@ -234,14 +234,18 @@ def infonce_bwd(q, k, bank, scale, q_labels, k_labels, exclude_self: bool, in_ba
     ``needs_dq`` / ``needs_dk`` / ``needs_dbank``: the products of gradients nobody asked for are skipped (a MoCo
     bank without grad: no dbank product).  ``deterministic`` is accepted for the launcher contract: this backend
     is deterministic for a given thread count either way (README, Numerics).  ``external_stats``: the stats were
-    merged over more keys than ``k`` (a ring block, ``contrastgen/distributed``), so neither rows nor columns
-    are renormalised against this call's keys (needs labels, not pml)."""
+    merged over more keys than ``k`` (a ring block of ``contrastgen.distributed``, the in-batch part of the
+    per-query-negatives op), so neither rows nor columns are renormalised against this call's keys (not pml;
+    diagonal positives run the label path with index labels, which has that mode)."""
     ext = _need_ext()
+    if external_stats and q_labels is None:
+        q_labels = torch.arange(q.shape[0], dtype=torch.int64)
+        k_labels = torch.arange(k.shape[0], dtype=torch.int64)
     qf, keys, m, kb, has_labels, ql, kl = _prepare(q, k, bank, q_labels, k_labels)
     n, c, d = qf.shape[0], keys.shape[0], qf.shape[1]
     _check_flags(exclude_self, symmetric, pml, kb, n, m)
-    if external_stats and (pml or not has_labels):
-        raise ValueError("external_stats=True needs q_labels / k_labels and pml=False")
+    if external_stats and pml:
+        raise ValueError("external_stats=True needs pml=False")
     needs_dbank = bool(needs_dbank) and kb > 0
     sc = _scalar(scale, "scale")
     rstats = row_stats.detach().to(torch.float32).contiguous()

@@ -13,14 +13,11 @@ mat-vec -- so each runs its own kernel and only their per-row results are merged
 
     forward   (row_ib_i, lse_ib_i, npos_i) = InfoNCE core;   lse_p_i = per-query op
               lse_i = logaddexp(lse_ib_i, lse_p_i);  loss_i = row_ib_i + softplus(lse_p_i - lse_ib_i)   (npos_i > 0)
-    backward  the merged row's dS_ij = g_i (exp(s_ij - lse_i)[valid] - [pos] / npos_i) on the in-batch columns
-              and g_i exp(s_ij - lse_i) on the row's own negatives.  With w_i = exp(lse_ib_i - lse_i) the in-batch
-              part is  g_i w_i (P^ib_ij[valid] - [pos]/npos_i)  -  g_i (1 - w_i) [pos] / npos_i,  P^ib the softmax
-              of the in-batch columns alone: the core's own backward with its own row_stats and upstream g_i w_i
-              (its rows are renormalised against their own lse, issue 9 item 4, so it cannot be handed the merged
-              lse), plus a positive-only term that is a class sum of the keys (O(N D), ``_positive_term``);
-              1 - w_i = -expm1(lse_ib_i - lse_i) keeps its relative precision.  The per-query op takes the merged
-              lse directly.
+    backward  both kernels take their softmax against the merged lse_i: the core's backward is called with
+              row_stats = [lse_i, npos_i] and ``external_stats=True`` (the C++ backward then does not renormalise
+              the row against its in-batch keys alone), so its dS_ij = g_i (exp(s_ij - lse_i)[valid] -
+              [pos] / npos_i), and the per-query op's dS_ij = g_i exp(s_ij - lse_i): together exactly the gradient
+              of the merged row.
 
 Fast path (CoDE ``negative_mode="paired"``, MoCo-style pairs): diagonal positives with ``in_batch_negatives=False``
 have one in-batch column per row, s_ii = scale q_i . k_i, computed here as a row dot product (O(N D)) instead of
@@ -49,8 +46,7 @@ def _diag_logits(q: Tensor, k: Tensor, scale: Tensor) -> Tensor:
 def infonce_paired_fwd(q: Tensor, k: Tensor, negs: Tensor, scale: Tensor, q_labels: Optional[Tensor],
                        k_labels: Optional[Tensor], exclude_self: bool, in_batch_negatives: bool, save_logits: bool,
                        backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> (row_loss (N,), row_stats (N, 3) = [lse of the whole row, npos, lse of the in-batch columns],
-    logits (N, M) or (0, M)), float32."""
+    """-> (row_loss (N,), row_stats (N, 2) = [lse of the whole row, npos], logits (N, M) or (0, M)), float32."""
     if _diag_only(q_labels, in_batch_negatives, exclude_self):
         lse_ib = _diag_logits(q, k, scale)
         row_ib = torch.zeros_like(lse_ib)
@@ -62,49 +58,17 @@ def infonce_paired_fwd(q: Tensor, k: Tensor, negs: Tensor, scale: Tensor, q_labe
     lse_p, logits = launcher("infonce_paired", backend).paired_fwd(q, negs, scale, save_logits)
     lse = torch.logaddexp(lse_ib, lse_p)
     row = torch.where(npos > 0, row_ib + F.softplus(lse_p - lse_ib), torch.zeros_like(row_ib))
-    return row, torch.stack([lse, npos, lse_ib.float()], 1), logits
+    return row, torch.stack([lse, npos], 1), logits
 
 
 @infonce_paired_fwd.register_fake
 def _(q, k, negs, scale, q_labels, k_labels, exclude_self, in_batch_negatives, save_logits, backend):
     n, m = q.shape[0], negs.shape[1]
-    return _empty(q, n), _empty(q, n, 3), _empty(q, n if save_logits else 0, m)
+    return _empty(q, n), _empty(q, n, 2), _empty(q, n if save_logits else 0, m)
 
 
 def _diag_only(q_labels, in_batch_negatives, exclude_self) -> bool:
     return q_labels is None and not in_batch_negatives and not exclude_self
-
-
-def _positive_term(q: Tensor, k: Tensor, scale: Tensor, q_labels: Optional[Tensor], k_labels: Optional[Tensor],
-                   exclude_self: bool, c: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradient of  -sum_i c_i sum_{j in pos(i)} s_ij,  s_ij = scale q_i . k_j,  as (dq, dk, dscale) in float32.
-
-    pos(i) is the core's positive set: the diagonal without labels, else the keys with the query's label (less
-    the key i itself under ``exclude_self``).  Both sums go through per-label sums of the keys / weighted queries
-    (``index_add``), so the cost is O((N + M) D), never an N x M mask."""
-    qf, kf = q.float(), k.float()
-    n, m = q.shape[0], k.shape[0]
-    sc = scale.float()
-    if q_labels is None:                                       # diagonal positives: pos(i) = {i}, i < m
-        r = min(n, m)
-        ksum = torch.zeros_like(qf)
-        ksum[:r] = kf[:r]
-        cq = torch.zeros_like(kf)
-        cq[:r] = c[:r, None] * qf[:r]
-    else:
-        _, inv = torch.unique(torch.cat([q_labels.reshape(-1), k_labels.reshape(-1)]), return_inverse=True)
-        iq, ik = inv[:n], inv[n:]
-        ncls = n + m                                           # a bound on the label count: no host sync
-        ksum = qf.new_zeros(ncls, kf.shape[1]).index_add_(0, ik, kf)[iq]
-        cq = qf.new_zeros(ncls, qf.shape[1]).index_add_(0, iq, c[:, None] * qf)[ik]
-        if exclude_self:                                       # key = query: j = i is not a positive of row i
-            r = min(n, m)
-            ksum[:r] -= kf[:r]
-            cq[:r] -= c[:r, None] * qf[:r]
-    dq = -sc * c[:, None] * ksum
-    dk = -sc * cq
-    dscale = -(c * (qf * ksum).sum(1)).sum()
-    return dq, dk, dscale
 
 
 @torch.library.custom_op("contrastgen::infonce_paired_bwd", mutates_args=())
@@ -124,15 +88,10 @@ def infonce_paired_bwd(q: Tensor, k: Tensor, negs: Tensor, scale: Tensor, q_labe
         if need_dk:
             dk = ((scale * ds)[:, None] * q.float()).to(k.dtype)
         dscale = (ds * s_pos).sum() / scale
-    else:   # the core's backward on its own row stats with upstream g w, plus the positive-only term
-        d = row_stats[:, 2] - lse                                  # lse_ib - lse <= 0
-        core_stats = torch.stack([row_stats[:, 2], npos], 1)
+    else:   # the core's backward, its softmax taken against the merged lse (row_stats, external to its keys)
         dq, dk, _, dscale = launcher("infonce", backend).infonce_bwd(
-            q, k, None, scale, q_labels, k_labels, exclude_self, in_batch_negatives, False, False, core_stats,
-            _empty(q, 0, 2), g * torch.exp(d), _empty(q, 0))
-        c = torch.where(npos > 0, -g * torch.expm1(d) / npos.clamp_min(1), torch.zeros_like(g))
-        dq2, dk2, dscale2 = _positive_term(q, k, scale, q_labels, k_labels, exclude_self, c)
-        dq, dk, dscale = dq.float() + dq2, dk.float() + dk2, dscale.float() + dscale2
+            q, k, None, scale, q_labels, k_labels, exclude_self, in_batch_negatives, False, False, row_stats,
+            _empty(q, 0, 2), g, _empty(q, 0), external_stats=True)
     dq_p, dnegs, dscale_p = launcher("infonce_paired", backend).paired_bwd(q, negs, scale, logits, lse, g, need_dq,
                                                                            need_dnegs)
     if need_dq:
@@ -180,7 +139,7 @@ infonce_paired_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def infonce_paired_core(backend: str, q, k, negs, scale, q_labels, k_labels, exclude_self, in_batch_negatives):
-    """(row_loss (N,), row_stats (N, 3)) of InfoNCE with per-query negatives on a fused ``backend``."""
+    """(row_loss (N,), row_stats (N, 2)) of InfoNCE with per-query negatives on a fused ``backend``."""
     save = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (q, k, negs, scale))
     row, stats, _ = torch.ops.contrastgen.infonce_paired_fwd(q, k, negs, scale.reshape(()).float(), q_labels, k_labels,
                                                              bool(exclude_self), bool(in_batch_negatives), bool(save),
